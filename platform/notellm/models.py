@@ -303,7 +303,9 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
     if path.is_dir():
         return _resolve_hf_dir(path.resolve())
     if path.exists():
-        raise ModelResolutionError(f"model path {path} is a file; pass the folder holding config.json")
+        raise ModelResolutionError(
+            f"model path {path} is a file; pass the folder holding config.json"
+        )
     if _HUB_ID.match(name):
         raise ModelResolutionError(
             f"model '{name}' looks like a Hugging Face hub id and is not a local folder "
@@ -313,8 +315,8 @@ def resolve_model(name_or_path: str | os.PathLike) -> ModelSpec:
     if os.sep in name or name.startswith((".", "~")):
         raise ModelResolutionError(f"model folder {path.resolve()} does not exist")
     raise ModelResolutionError(
-        f"unknown model '{name}': known names are {list(KNOWN_NAMES)}, or pass a local Hugging Face "
-        "model folder"
+        f"unknown model '{name}': known names are {list(KNOWN_NAMES)}, "
+        "or pass a local Hugging Face model folder"
     )
 
 
@@ -345,8 +347,9 @@ def load_gguf(spec: ModelSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
     config = copy.deepcopy(gguf_model.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Built on the CPU, not the meta device: non-persistent buffers (rotary inv_freq) are not
+    # in the state dict and must be computed by the constructor.
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict(), strict=True, assign=True)
     model.tie_weights()
     model.generation_config = gguf_model.generation_config
@@ -376,8 +379,9 @@ def _check_cache_dir(folder: Path, spec: ModelSpec) -> Path:
     stamp = _read_stamp(folder)
     if stamp is None or stamp.get("source_sha256") != spec.sha256:
         raise ModelResolutionError(
-            f"model cache folder {folder} is not a complete conversion of {spec.path / spec.gguf_file} "
-            f"(missing or mismatched {CACHE_STAMP}); delete the folder and load again"
+            f"model cache folder {folder} is not a complete conversion of "
+            f"{spec.path / spec.gguf_file} (missing or mismatched {CACHE_STAMP}); "
+            "delete the folder and load again"
         )
     return folder
 
@@ -471,7 +475,9 @@ def _cached_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return _new_tokenizer(spec)
 
 
-def load_tokenizer(name_or_path: str | os.PathLike, *, fresh: bool = False) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, fresh: bool = False
+) -> PreTrainedTokenizerBase:
     """Return the tokenizer of a model (``tiny-llama``: SmolLM2's). Shared per process unless
     ``fresh=True``; never add tokens to the shared one."""
     spec = resolve_model(name_or_path)
@@ -479,7 +485,9 @@ def load_tokenizer(name_or_path: str | os.PathLike, *, fresh: bool = False) -> P
         return _new_tokenizer(spec) if fresh else _cached_tokenizer(spec)
 
 
-def build_tiny_llama(vocab_size: int, seed: int, special_ids: dict[str, int | None]) -> LlamaForCausalLM:
+def build_tiny_llama(
+    vocab_size: int, seed: int, special_ids: dict[str, int | None]
+) -> LlamaForCausalLM:
     """A float32 ``LlamaForCausalLM`` of ``TINY_LLAMA_CONFIG`` whose weights depend only on ``seed``
     (the global torch RNG is left untouched)."""
     config = LlamaConfig(vocab_size=vocab_size, **TINY_LLAMA_CONFIG, **special_ids)
@@ -563,7 +571,10 @@ def _cached_sentence_encoder(spec: ModelSpec, device: str):
 
 
 def load_sentence_encoder(
-    name_or_path: str | os.PathLike = MINILM.name, device: str | torch.device = "cpu", *, fresh: bool = False
+    name_or_path: str | os.PathLike = MINILM.name,
+    device: str | torch.device = "cpu",
+    *,
+    fresh: bool = False,
 ):
     """Return a ``sentence_transformers.SentenceTransformer`` (shared per process unless
     ``fresh=True``) for ``minilm-l6`` or a local sentence-transformers / HF encoder folder."""

@@ -19,7 +19,8 @@ Processes are stopped by the session id they were started in, never with ``ray s
 stop`` kills every Ray process on the machine, including other state folders' clusters.
 Both services are started with ``start_new_session=True``, so the ``ray start`` (or ``mlflow
 server``) process id is the session id shared by everything it spawns (gcs_server, raylet,
-dashboard, workers; uvicorn).
+dashboard, agents, task workers; uvicorn). Ray job drivers get sessions of their own, but Ray
+kills them when their job supervisor (a worker of our session) exits.
 
 Health: MLflow is healthy when its recorded process is alive and ``GET /health`` answers ``OK``.
 Ray is healthy when its recorded gcs_server and a raylet of its session are alive, the GCS port
@@ -54,6 +55,7 @@ LOCK_FILE = ".services.lock"
 RAY_TEMP_PREFIX = "/tmp/notellm-ray-"
 START_TIMEOUT_S = 180.0  # a 2-core machine busy with other work can take a while
 STOP_GRACE_S = 5.0  # per shutdown phase, before SIGKILL
+BROKEN_GRACE_S = 1.0  # leftovers of a dead/unhealthy service do not shut down gracefully
 HTTP_TIMEOUT_S = 3.0
 POLL_S = 0.25
 
@@ -239,17 +241,19 @@ def _terminate(procs: list[psutil.Process], grace_s: float) -> None:
     psutil.wait_procs(alive, timeout=grace_s)
 
 
-def _stop_session(sid: int, ordered_names: tuple[str, ...] = ()) -> None:
-    """Stop every process of session ``sid``.
+def _stop_session(sid: int, ordered_names: tuple[str, ...] = (), grace_s: float = STOP_GRACE_S) -> int:
+    """Stop every process of session ``sid``; returns how many processes were found running.
 
     Processes named in ``ordered_names[:-1]`` go first and the one named ``ordered_names[-1]``
     goes last (Ray: raylet first, gcs_server last, as ``ray stop`` does); processes spawned
     meanwhile are caught by a final sweep.
     """
+    found = 0
     for _ in range(3):
         procs = _session_procs(sid)
         if not procs:
-            return
+            return found
+        found += len(procs)
         if ordered_names:
             first = [p for p in procs if _name(p) in ordered_names[:-1]]
             last = [p for p in procs if _name(p) == ordered_names[-1]]
@@ -259,10 +263,11 @@ def _stop_session(sid: int, ordered_names: tuple[str, ...] = ()) -> None:
             phases = [procs]
         for phase in phases:
             if phase:
-                _terminate(phase, STOP_GRACE_S)
+                _terminate(phase, grace_s)
     left = _session_procs(sid)
     if left:
         raise ServiceError(f"could not stop processes {[p.pid for p in left]} of session {sid}")
+    return found
 
 
 def _name(proc: psutil.Process) -> str:
@@ -344,22 +349,25 @@ def services_status(state_dir: Path) -> dict[str, Any]:
     Returns ``{"state_dir": str, "ray": {...}, "mlflow": {...}}`` where each service reports
     ``running`` (its recorded process is alive), ``healthy`` (it also answers), ``pid``,
     ``detail`` (why it is not healthy) and ``address``/``dashboard_url`` (Ray) or ``url``
-    (MLflow). A service that was never started reports running and healthy False.
+    (MLflow). A stopped or never started service reports running and healthy False.
     """
     state_dir = Path(state_dir).resolve()
     state = _read_state(state_dir)
-    host = state.get("settings", {}).get("host", "127.0.0.1")
+    settings = state.get("settings", {})
+    host = settings.get("host", "127.0.0.1")
+    never = "not started" if not settings else "stopped"
     status: dict[str, Any] = {"state_dir": str(state_dir)}
     if "ray" in state:
         status["ray"] = _ray_health(host, state["ray"])
     else:
-        status["ray"] = {"running": False, "healthy": False, "address": None,
-                         "dashboard_url": None, "pid": None, "detail": "not started"}
+        status["ray"] = {"running": False, "healthy": False, "pid": None, "detail": never,
+                         "address": f"{host}:{settings['ray_port']}" if settings else None,
+                         "dashboard_url": f"http://{host}:{settings['dashboard_port']}" if settings else None}
     if "mlflow" in state:
         status["mlflow"] = _mlflow_health(host, state["mlflow"])
     else:
-        status["mlflow"] = {"running": False, "healthy": False, "url": None, "pid": None,
-                            "detail": "not started"}
+        status["mlflow"] = {"running": False, "healthy": False, "pid": None, "detail": never,
+                            "url": f"http://{host}:{settings['mlflow_port']}" if settings else None}
     return status
 
 
@@ -405,6 +413,10 @@ def _start_ray(state_dir: Path, host: str, port: int, dashboard_port: int,
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    # Job entrypoints (`ray job submit -- python -m pipelines.x`) inherit the raylet's PATH:
+    # put this interpreter's bin dir first so `python` is the project's environment.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["HF_HUB_OFFLINE"] = "1"
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
@@ -439,8 +451,11 @@ def _start_ray(state_dir: Path, host: str, port: int, dashboard_port: int,
     return ray
 
 
-def _start_mlflow(state_dir: Path, host: str, port: int) -> dict[str, Any]:
-    """Run ``mlflow server`` (SQLite store, proxied artifacts) in a new session; wait until healthy."""
+def _launch_mlflow(state_dir: Path, host: str, port: int) -> dict[str, Any]:
+    """Launch ``mlflow server`` (SQLite store, proxied artifacts) in a new session.
+
+    Returns its record for ``services.json``; ``_wait_healthy`` then waits until it answers.
+    """
     _require_free(port, "MLflow", "set services.mlflow_port")
     store = state_dir / "mlflow"
     artifacts = store / "artifacts"
@@ -448,7 +463,7 @@ def _start_mlflow(state_dir: Path, host: str, port: int) -> dict[str, Any]:
     log_dir = state_dir / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / "mlflow.log"
-    backend = f"sqlite:///{store / 'mlflow.db'}"
+    backend = _mlflow_backend_uri(state_dir)
     # --serve-artifacts + --artifacts-destination: new experiments get the artifact root
     # mlflow-artifacts:/, so clients upload through this server (no shared filesystem needed).
     cmd = [str(_venv_executable("mlflow")), "server", "--host", host, "--port", str(port),
@@ -464,31 +479,55 @@ def _start_mlflow(state_dir: Path, host: str, port: int) -> dict[str, Any]:
                                 cwd=state_dir, env=env, start_new_session=True)
     _CHILDREN.append(proc)
     mlflow = {"port": port, "pid": proc.pid, "create_time": psutil.Process(proc.pid).create_time(),
-              "session_id": proc.pid, "backend_store_uri": backend, "artifacts_destination": str(artifacts)}
-    _wait_healthy(lambda: _mlflow_health(host, mlflow), "MLflow server", log, proc.pid)
+              "session_id": proc.pid, "backend_store_uri": backend, "artifacts_destination": str(artifacts),
+              "log": str(log)}
     return mlflow
 
 
-def _stop_ray(state: dict[str, Any], state_dir: Path) -> None:
+def _stop_ray(state: dict[str, Any], state_dir: Path, grace_s: float = STOP_GRACE_S) -> None:
     """Stop the recorded Ray head (and headless leftovers using its temp dir); wait for its ports."""
     ray = state.get("ray")
     sids = _headless_ray_sessions(ray_temp_dir_for(state_dir))
     if ray:
         sids.add(ray["session_id"])
-    for sid in sids:
-        _stop_session(sid, ("raylet", "gcs_server"))
-    if ray:
+    found = sum(_stop_session(sid, ("raylet", "gcs_server"), grace_s) for sid in sids)
+    if ray and found:
         _wait_port_free(ray["port"], "Ray GCS")
         _wait_port_free(ray["dashboard_port"], "Ray dashboard")
 
 
-def _stop_mlflow(state: dict[str, Any]) -> None:
-    """Stop the recorded MLflow server (its whole session, uvicorn included); wait for its port."""
+def _mlflow_backend_uri(state_dir: Path) -> str:
+    return f"sqlite:///{state_dir / 'mlflow' / 'mlflow.db'}"
+
+
+def _headless_mlflow_sessions(state_dir: Path) -> set[int]:
+    """Sessions of ``mlflow server`` processes serving this state folder's store.
+
+    Only session leaders qualify (``start_new_session`` made ``mlflow server`` one), so a
+    shell that merely mentions the path is never returned.
+    """
+    backend = _mlflow_backend_uri(state_dir)
+    sids: set[int] = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = proc.info["cmdline"] or []
+            if "server" in cmdline and backend in cmdline and os.getsid(proc.pid) == proc.pid:
+                sids.add(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return sids
+
+
+def _stop_mlflow(state: dict[str, Any], state_dir: Path, grace_s: float = STOP_GRACE_S) -> None:
+    """Stop the recorded MLflow server (its whole session, uvicorn included) and any unrecorded
+    server of this state folder's store; wait for the recorded port."""
     mlflow = state.get("mlflow")
-    if not mlflow:
-        return
-    _stop_session(mlflow["session_id"])
-    _wait_port_free(mlflow["port"], "MLflow")
+    sids = _headless_mlflow_sessions(state_dir)
+    if mlflow:
+        sids.add(mlflow["session_id"])
+    found = sum(_stop_session(sid, (), grace_s) for sid in sids)
+    if mlflow and found:
+        _wait_port_free(mlflow["port"], "MLflow")
 
 
 def _info(state_dir: Path, state: dict[str, Any]) -> ServiceInfo:
@@ -543,19 +582,22 @@ def start_services(state_dir: Path, host: str | None = None, ray_port: int | Non
                     f"{ {k: old.get(k) for k in keys} }, not { {k: want[k] for k in keys} }; "
                     "run `notellm services stop` before changing its settings")
         state["settings"] = want
+        # MLflow is launched first and waited for last, so both start up at the same time.
+        if not mlflow_ok:
+            _stop_mlflow(state, state_dir, BROKEN_GRACE_S)
+            state["mlflow"] = _launch_mlflow(state_dir, want["host"], want["mlflow_port"])
+            _write_state(state_dir, state)
         if not ray_ok:
-            _stop_ray(state, state_dir)
+            _stop_ray(state, state_dir, BROKEN_GRACE_S)
             state.pop("ray", None)
             _write_state(state_dir, state)
             state["ray"] = _start_ray(state_dir, want["host"], want["ray_port"], want["dashboard_port"],
                                       want["num_cpus"])
             _write_state(state_dir, state)
         if not mlflow_ok:
-            _stop_mlflow(state)
-            state.pop("mlflow", None)
-            _write_state(state_dir, state)
-            state["mlflow"] = _start_mlflow(state_dir, want["host"], want["mlflow_port"])
-            _write_state(state_dir, state)
+            mlflow = state["mlflow"]
+            _wait_healthy(lambda: _mlflow_health(want["host"], mlflow), "MLflow server",
+                          Path(mlflow["log"]), mlflow["session_id"])
         return _info(state_dir, state)
 
 
@@ -581,8 +623,8 @@ def stop_services(state_dir: Path) -> dict[str, list[int]]:
     with _locked(state_dir):
         state = _read_state(state_dir)
         released: dict[str, list[int]] = {"ray": [], "mlflow": []}
+        _stop_mlflow(state, state_dir)
         if "mlflow" in state:
-            _stop_mlflow(state)
             released["mlflow"] = [state.pop("mlflow")["port"]]
             _write_state(state_dir, state)
         _stop_ray(state, state_dir)
@@ -596,20 +638,12 @@ def stop_services(state_dir: Path) -> dict[str, list[int]]:
 def service_env(info: ServiceInfo) -> dict[str, str]:
     """Environment variables that point Ray, ``ray job submit`` and MLflow at these services.
 
-    Returns ``RAY_ADDRESS`` (GCS, for ``ray.init()``), ``RAY_API_SERVER_ADDRESS`` (dashboard
-    URL, what ``ray job submit``/``ray job status`` read first; equal to passing
-    ``--address http://127.0.0.1:<dashboard port>``), ``MLFLOW_TRACKING_URI`` and ``NO_PROXY``
-    (the existing value plus the service host, so an HTTP proxy never intercepts local calls).
+    Returns ``RAY_ADDRESS`` (the GCS address, read by ``ray.init()``), ``RAY_API_SERVER_ADDRESS``
+    (the dashboard URL, which ``ray job submit/status/logs`` read before ``RAY_ADDRESS``; the same
+    as passing ``--address http://127.0.0.1:<dashboard port>``) and ``MLFLOW_TRACKING_URI``.
     """
-    host = info.mlflow_url.split("//", 1)[1].rsplit(":", 1)[0]
-    no_proxy = [h for h in os.environ.get("NO_PROXY", "").split(",") if h]
-    for h in (host, "localhost", "127.0.0.1"):
-        if h not in no_proxy:
-            no_proxy.append(h)
     return {
         "RAY_ADDRESS": info.ray_address,
         "RAY_API_SERVER_ADDRESS": info.dashboard_url,
         "MLFLOW_TRACKING_URI": info.mlflow_url,
-        "NO_PROXY": ",".join(no_proxy),
     }
-

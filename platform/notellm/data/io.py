@@ -252,7 +252,8 @@ def _parse_line(raw: bytes) -> tuple[dict[str, Any], str | None, str | None]:
         field = fields[0] if fields else None
         if field is not None and _undecodable(field):
             field = field.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        return {}, field, f"not valid UTF-8 ({detail}){others}"
+        subject = f"{field} is" if field is not None else "line is"
+        return {}, field, f"{subject} not valid UTF-8 ({detail}){others}"
     return obj, None, None
 
 
@@ -272,8 +273,9 @@ def _read_jsonl(path: Path, table: TableName) -> pa.Table:
             obj, err_field, err = _parse_line(raw.rstrip(b"\r\n"))
             row = len(lines)
             for key, value in obj.items():
-                column = values.setdefault(key, [None] * row)
-                column.append(value)
+                if key not in values:
+                    values[key] = [None] * row
+                values[key].append(value)
             for column in values.values():
                 if len(column) == row:
                     column.append(None)

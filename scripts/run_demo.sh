@@ -7,7 +7,8 @@ CONFIG=${1:-configs/demo.yaml}
 VENV_BIN="$PWD/.venv/bin"
 export PATH="$VENV_BIN:$PATH"
 
-eval "$(python -m notellm.cli services start --config "$CONFIG" --print-env)"
+service_env=$(python -m notellm.cli services start --config "$CONFIG" --print-env)  # exits on failure
+eval "$service_env"
 echo "[demo] Ray dashboard: $RAY_API_SERVER_ADDRESS   MLflow: $MLFLOW_TRACKING_URI"
 
 submit() {

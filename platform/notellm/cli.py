@@ -67,7 +67,7 @@ def _services_start(args: argparse.Namespace) -> int:
     svc = cfg.services
     info = start_services(_state_dir(args, cfg), host=svc.host, ray_port=svc.ray_port,
                           dashboard_port=svc.dashboard_port, mlflow_port=svc.mlflow_port,
-                          num_cpus=args.num_cpus)
+                          num_cpus=args.num_cpus if args.num_cpus is not None else svc.num_cpus)
     if args.print_env:  # for `eval "$(notellm services start --print-env)"` in scripts
         for key, value in service_env(info).items():
             print(f"export {key}={value}")

@@ -82,9 +82,13 @@ class MiningConfig(_Section):
 
 
 class SplitConfig(_Section):
-    """Time split: the last ``test_fraction`` of each category's time range is the test period."""
+    """Time split: the last ``test_fraction`` of each category's time range is the test period.
+
+    ``cutoff`` (ISO-8601, UTC) replaces the per-category cutoffs with one global instant.
+    """
 
     test_fraction: float = Field(0.25, gt=0, lt=1)
+    cutoff: str | None = None
 
 
 class PromptConfig(_Section):
@@ -195,6 +199,7 @@ class ServicesConfig(_Section):
     ray_port: int = 6380
     dashboard_port: int = 8265
     mlflow_port: int = 5001
+    num_cpus: int | None = Field(None, gt=0, description="CPUs the Ray head offers (default: all)")
 
 
 class PipelineConfig(_Section):

@@ -58,6 +58,10 @@ STOP_GRACE_S = 5.0  # per shutdown phase, before SIGKILL
 BROKEN_GRACE_S = 1.0  # leftovers of a dead/unhealthy service do not shut down gracefully
 HTTP_TIMEOUT_S = 3.0
 POLL_S = 0.25
+# The local head runs without Ray token auth: its dashboard and MLflow listen on 127.0.0.1 only,
+# but Ray binds its GCS port on the node's IP, so use this on a single-user machine only. Shared
+# clusters (cluster.yaml) should run with RAY_AUTH_MODE=token (see the README).
+RAY_AUTH_MODE = "disabled"
 
 # `mlflow server` processes started by this Python process: kept so they are reaped (no
 # zombies, no "subprocess still running" warnings) when they exit.
@@ -417,6 +421,10 @@ def _start_ray(state_dir: Path, host: str, port: int, dashboard_port: int,
     # put this interpreter's bin dir first so `python` is the project's environment.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["HF_HUB_OFFLINE"] = "1"
+    # Ray 2.60 turns token auth on by itself once ~/.ray/auth_token exists (any local
+    # `ray.init()` writes one), so a restart could come up in another mode than the first start.
+    # The local dev cluster states its mode explicitly; clients get the same via service_env().
+    env["RAY_AUTH_MODE"] = RAY_AUTH_MODE
     with open(log, "a", encoding="utf-8") as out:
         out.write(f"\n$ {' '.join(cmd)}\n")
         out.flush()
@@ -638,6 +646,8 @@ def stop_services(state_dir: Path) -> dict[str, list[int]]:
 def service_env(info: ServiceInfo) -> dict[str, str]:
     """Environment variables that point Ray, ``ray job submit`` and MLflow at these services.
 
+    ``RAY_AUTH_MODE`` is the local head's auth mode (see ``RAY_AUTH_MODE`` above).
+
     Returns ``RAY_ADDRESS`` (the GCS address, read by ``ray.init()``), ``RAY_API_SERVER_ADDRESS``
     (the dashboard URL, which ``ray job submit/status/logs`` read before ``RAY_ADDRESS``; the same
     as passing ``--address http://127.0.0.1:<dashboard port>``) and ``MLFLOW_TRACKING_URI``.
@@ -645,5 +655,6 @@ def service_env(info: ServiceInfo) -> dict[str, str]:
     return {
         "RAY_ADDRESS": info.ray_address,
         "RAY_API_SERVER_ADDRESS": info.dashboard_url,
+        "RAY_AUTH_MODE": RAY_AUTH_MODE,
         "MLFLOW_TRACKING_URI": info.mlflow_url,
     }

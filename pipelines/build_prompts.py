@@ -19,10 +19,12 @@ writes ``<data.work_dir>/prompts/``:
                      share, truncation counts, seconds).
 
 Tokenization runs as a Ray Data ``map_batches`` with a class UDF (one tokenizer per actor, an actor
-pool as large as the cluster's CPUs). Rows are sorted by note_id and Ray Data keeps that order, so
-the files' contents are deterministic. Everything is written into a hidden temporary folder next to
-``prompts/`` and renamed into place at the end: a crash never leaves half an output (a previous
-``prompts/`` stays as it was until the new one is complete). Exit code 2 with a clear message when
+pool of up to the cluster's CPUs minus one, which is left to the Parquet writers). Rows are sorted
+by note_id and Ray Data keeps that order, so the files' contents are deterministic. Everything is
+written into a hidden temporary folder next to ``prompts/`` and renamed into place at the end: a
+crash never leaves half an output (a previous ``prompts/`` stays as it was until the new one is
+complete; hidden leftovers of a crashed run are removed by the next run, so two runs must not share
+a work_dir at the same time). Exit code 2 with a clear message when
 an input is missing (naming the stage to run first), the training pairs are empty, or a pair names
 a note that is not in notes.parquet. Logs to MLflow when ``MLFLOW_TRACKING_URI`` is set.
 """
@@ -51,12 +53,10 @@ from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import HASHTAG, PromptBuilder, PromptError
 
 INGEST_STAGE = "python -m pipelines.ingest"
-MINE_STAGE = "python -m pipelines.mine"
+MINE_STAGE = "python -m pipelines.mine_pairs"
 NOTE_COLUMNS = ["note_id", "title", "content", "hashtags", "category"]
 PAIR_COLUMNS = ["note_id", "related_note_id"]
 # Ray Data knobs (no config field yet): rows per tokenizer call and minimum rows per output file.
-BATCH_SIZE = 256
-MIN_ROWS_PER_FILE = 50_000
 
 
 class PromptStageError(ValueError):
@@ -89,9 +89,16 @@ def _read(path: Path, columns: list[str], stage: str, what: str) -> pa.Table:
         raise PromptStageError(f"{path}: {what} lacks columns {missing} (has {schema.names}); rerun `{stage}`")
     table = pq.read_table(path, columns=columns)
     for name in columns:
-        if name in ("note_id", "related_note_id") and table.column(name).null_count:
-            row = table.column(name).is_null().to_pylist().index(True)
+        if name not in ("note_id", "related_note_id"):
+            continue
+        column = table.column(name)
+        if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
+            raise PromptStageError(f"{path}: {what} column {name} has type {column.type}, expected string; "
+                                   f"rerun `{stage}`")
+        if column.null_count:
+            row = column.is_null().to_pylist().index(True)
             raise PromptStageError(f"{path}: row {row}: {name} is null; rerun `{stage}`")
+        table = table.set_column(table.schema.get_field_index(name), name, column.cast(pa.string()))
     return table
 
 
@@ -162,8 +169,9 @@ def encode_with_ray(notes: pa.Table, cfg: PipelineConfig, variant: str, emb_toke
     """Tokenize ``notes`` (sorted) with an actor pool and write Parquet shards to ``out_dir``."""
     import ray
 
-    blocks = max(1, math.ceil(notes.num_rows / BATCH_SIZE))
-    actors = max(1, min(blocks, int(ray.cluster_resources().get("CPU", 1))))
+    blocks = max(1, math.ceil(notes.num_rows / cfg.prompts.batch_size))
+    # one CPU is left to the Parquet write tasks that run beside the actors
+    actors = max(1, min(blocks, int(ray.cluster_resources().get("CPU", 1)) - 1))
     ds = ray.data.from_arrow(notes, override_num_blocks=blocks).map_batches(
         EncodePrompts,
         fn_constructor_kwargs={
@@ -172,11 +180,11 @@ def encode_with_ray(notes: pa.Table, cfg: PipelineConfig, variant: str, emb_toke
             "variant": variant,
             "emb_token_id": emb_token_id,
         },
-        batch_size=BATCH_SIZE,
+        batch_size=cfg.prompts.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors),
     )
-    ds.write_parquet(str(out_dir), min_rows_per_file=MIN_ROWS_PER_FILE)
+    ds.write_parquet(str(out_dir), min_rows_per_file=cfg.prompts.rows_per_file)
 
 
 # ------------------------------------------------------------------------------------ output

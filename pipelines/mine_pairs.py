@@ -113,6 +113,19 @@ def load_ingested(cfg: PipelineConfig, config: str = "<config>") -> tuple[pd.Dat
     return notes, behaviors
 
 
+def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
+    """``frame``'s columns of ``schema`` as an Arrow table (timestamps via int64 microseconds)."""
+    columns = []
+    for field in schema:
+        values = frame[field.name]
+        if pa.types.is_timestamp(field.type):
+            micros = values.dt.as_unit("us").astype("int64").to_numpy()
+            columns.append(pa.array(micros, pa.int64()).cast(field.type))
+        else:
+            columns.append(pa.array(values, field.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
 # ------------------------------------------------------------------------------------ Ray
 
 
@@ -141,8 +154,7 @@ def mine_parts_ray(parts: dict[str, tuple[pd.DataFrame, MiningConfig]]) -> dict[
               if len(events)]
     if not frames:
         return empty
-    table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True),
-                                 schema=EVENTS_SCHEMA.append(pa.field(PART, pa.string())), preserve_index=False)
+    table = to_arrow(pd.concat(frames, ignore_index=True), EVENTS_SCHEMA.append(pa.field(PART, pa.string())))
     ctx = DataContext.get_current()
     if ctx.shuffle_strategy not in (ShuffleStrategy.HASH_SHUFFLE, ShuffleStrategy.SHUFFLE_V2,
                                     ShuffleStrategy.GPU_SHUFFLE):
@@ -243,7 +255,7 @@ def mine(cfg: PipelineConfig, config: str = "<config>") -> dict[str, Any]:
     for split in SPLITS:
         atomic_write_parquet(out_dir / f"{split}.parquet", pairs[split])
     atomic_write_parquet(out_dir / "notes_split.parquet",
-                         pa.Table.from_pandas(notes_split, schema=NOTES_SPLIT_SCHEMA, preserve_index=False))
+                         to_arrow(notes_split, NOTES_SPLIT_SCHEMA))
     result["seconds"] = round(time.perf_counter() - started, 3)
     atomic_write_text(out_dir / "stats.json", json.dumps(result, indent=2, sort_keys=True) + "\n")
     print(format_summary(result))

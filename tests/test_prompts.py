@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from notellm.config import REPO_ROOT, PromptConfig, load_config
+from notellm.config import REPO_ROOT, PromptConfig
 from notellm.data.io import write_table
 from notellm.models import load_tokenizer
 from notellm.prompts import (
@@ -144,6 +144,16 @@ def test_golden_text_follows_the_method_template():
         assert EMBED_RE.match(e) and c.startswith(e)
     # golden:1's content is long: cut to the budget, never the template
     assert "\n" not in "".join(cat) and "training loop" not in cat[0]
+
+
+def test_module_docstring_examples_are_the_golden_prompts():
+    import notellm.prompts
+
+    blocks = re.findall(r"::\n\n((?:    .*\n)+)", notellm.prompts.__doc__)
+    examples = [" ".join(line.strip() for line in block.splitlines()) for block in blocks[1:]]
+    golden = [(GOLDEN / GOLDEN_FILES[k]).read_text(encoding="utf-8").splitlines()[1]
+              for k in ("category", "hashtag", "embed")]
+    assert examples == golden
 
 
 def test_pooled_position_is_the_token_before_emb(builder):
@@ -403,7 +413,7 @@ def test_missing_inputs_name_the_stage_to_run(tmp_path):
     _write_stage_inputs(tmp_path)
     (tmp_path / "pairs" / "test.parquet").unlink()
     proc = _stage_cli(tmp_path)
-    assert proc.returncode == 2 and "pairs/test.parquet" in proc.stderr and "pipelines.mine" in proc.stderr
+    assert proc.returncode == 2 and "pairs/test.parquet" in proc.stderr and "python -m pipelines.mine_pairs" in proc.stderr
     assert not (tmp_path / "prompts").exists()
 
 

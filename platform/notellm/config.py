@@ -100,6 +100,8 @@ class PromptConfig(_Section):
     max_hashtags_sampled: int = Field(3, gt=0)
     emb_token: str = "[EMB]"
     seed: int = 0
+    batch_size: int = Field(256, gt=0, description="notes per tokenizer batch (Ray Data)")
+    rows_per_file: int = Field(50_000, gt=0, description="minimum rows per output Parquet shard")
 
 
 class ModelConfig(_Section):

@@ -331,7 +331,7 @@ def classify_candidates(contributions: pd.DataFrame, u: float, l: float, t: int)
     if exact_int64:
         above_num, below_num = min(above_num, _INT64_MAX), min(below_num, _INT64_MAX)
     status = np.full(len(num), KEPT, dtype=np.int8)
-    status[num > above_num] = ABOVE_U
+    status[num >= above_num] = ABOVE_U
     status[(status == KEPT) & (num < below_num)] = BELOW_L
 
     # Order: note asc, exact score desc, related note asc (codes follow sorted ids).

@@ -60,17 +60,19 @@ counted on the escaped field text tokenized on its own; the topic list and the t
 cut. The cut is made in text space: the escaped field is tokenized with character offsets and
 cut where the first token over budget starts (a character split over several byte-level tokens is
 dropped whole, so no broken UTF-8 appears), trailing spaces are stripped, and a dangling ``\`` of a
-cut escape pair is dropped. Fields longer than ``budget × longest token`` characters are first
-clipped to that many characters, so a 200k-character body costs no more than a short one.
+cut escape pair is dropped. A field is first clipped to ``(budget + 1) × longest vocabulary entry``
+characters (more than budget + 1 tokens can span), so a 200k-character body costs no more than a
+short one.
 
 Why text space and not ids assembled segment by segment: the stored ``input_ids`` are exactly
 ``tokenizer(text, add_special_tokens=False)`` of the stored ``text``, so any component that renders
 a note (training, batch embedding, online serving) gets the same ids from the same text, and a
 decoded prompt re-encodes to itself. Ids glued per segment would differ from the tokenization of
-the same text wherever BPE merges across a segment boundary (``'`` + ``s`` -> ``'s``, ``?`` + ``',``
--> ``?',``), so the ids could not be reproduced from the text. In context a field can therefore
-cost a token more or less than counted alone, at its two ends; the total length stays within
-template + budgets + topic tokens (tested).
+the same text wherever BPE merges across a segment boundary (SmolLM2: the opening quote and a
+field starting with ``"`` become one token `` '"``), so the ids could not be reproduced from the
+text. In context a field can therefore cost a token more or less than counted alone, at its two
+ends: on the default dataset a prompt is at most 2 tokens longer than its template (with empty
+fields) plus the two budgets; the tests allow 4.
 
 Encoded prompts and positions
 -----------------------------
@@ -79,9 +81,10 @@ Encoded prompts and positions
 right before ``[EMB]`` (SmolLM2: the token ``:"``), whose last hidden state is the note embedding
 (method.md section 3). ``labels`` are -100 everywhere except on the Output tokens and the final
 ``[EOS]``; the Output starts with the separating space (SmolLM2 folds it into the first output token,
-e.g. ``" ai"``), so generation is prompted with the text up to ``is:`` and must produce `` ai[EOS]``.
-The tokenizer splits text at special tokens before BPE, so the tokens after ``[EMB]`` never depend
-on the note, and the encoder checks that the Output Guidance tokens are a prefix of them.
+e.g. ``" ai"``), so generation is prompted with the text up to ``is:`` (no trailing space) and
+must produce `` ai[EOS]``. The tokenizer splits text at special tokens before BPE, so the Output
+Guidance tokens after ``[EMB]`` never depend on the note; the encoder checks that they are not
+merged with the Output.
 
 Variants (one code path):
 
@@ -91,33 +94,35 @@ Variants (one code path):
   of the same note, so training and serving embed the same tokens.
 * ``generate``: cut right after the Output Guidance (``...The category is:``), for generation.
 
-Rendered examples (SmolLM2 tokenizer, default config), note
-``{'note_id': 'ai:1', 'title': 'What is "backprop"?', 'content': 'What does "backprop" mean? I\'ve
-Googled it, but it\'s showing backpropagation.', 'hashtags': ['neural-networks', 'definitions',
-'terminology', 'backpropagation'], 'category': 'ai'}`` (one line each; wrapped here)::
+Rendered examples (SmolLM2 tokenizer, default config; each prompt is one line, wrapped here at
+spaces) of the note ``{'note_id': 'golden:2', 'title': '咖啡 ☕ which grind for a moka pot? 🤔',
+'content': "Medium-fine, a bit coarser than espresso.\r\nשלום — it's my first pot 😀",
+'hashtags': ['grinding', 'moka-pot'], 'category': 'coffee'}``.
 
-    category task:
+Category task (``train``)::
+
     <|im_start|>Extract the note information in json format, compress it into one word for
-    recommendation, and generate the category of the note. {'title': 'What is "backprop"?',
-    'topic': 'neural-networks, definitions, terminology, backpropagation', 'content': 'What does
-    "backprop" mean? I\'ve Googled it, but it\'s showing backpropagation.'} The compression word
-    is:"[EMB]". The category is: ai<|im_end|>
+    recommendation, and generate the category of the note. {'title': '咖啡 ☕ which grind for a
+    moka pot? 🤔', 'topic': 'grinding, moka-pot', 'content': 'Medium-fine, a bit coarser than
+    espresso. שלום — it\'s my first pot 😀'} The compression word is:"[EMB]". The category is:
+    coffee<|im_end|>
 
-    hashtag task (j = 3 of 4 hashtags):
+Hashtag task (``train``, j = 2)::
+
     <|im_start|>Extract the note information in json format, compress it into one word for
-    recommendation, and generate 3 topics of the note. {'title': 'What is "backprop"?', 'content':
-    'What does "backprop" mean? I\'ve Googled it, but it\'s showing backpropagation.'} The
-    compression word is:"[EMB]". The 3 topics are: neural-networks, terminology,
-    backpropagation<|im_end|>
+    recommendation, and generate 2 topics of the note. {'title': '咖啡 ☕ which grind for a moka
+    pot? 🤔', 'content': 'Medium-fine, a bit coarser than espresso. שלום — it\'s my first pot 😀'}
+    The compression word is:"[EMB]". The 2 topics are: grinding, moka-pot<|im_end|>
 
-    embed variant:
+Embedding-only (``embed``); the pooled token (``emb_pos``) is ``:"``::
+
     <|im_start|>Extract the note information in json format, compress it into one word for
-    recommendation, and generate the category of the note. {'title': 'What is "backprop"?',
-    'topic': 'neural-networks, definitions, terminology, backpropagation', 'content': 'What does
-    "backprop" mean? I\'ve Googled it, but it\'s showing backpropagation.'} The compression word
-    is:"[EMB]
+    recommendation, and generate the category of the note. {'title': '咖啡 ☕ which grind for a
+    moka pot? 🤔', 'topic': 'grinding, moka-pot', 'content': 'Medium-fine, a bit coarser than
+    espresso. שלום — it\'s my first pot 😀'} The compression word is:"[EMB]
 
-(The exact strings of the test notes are checked in under ``tests/golden/``.)
+The exact strings of this note and of a long note (cut to the content budget) are checked in
+under ``tests/golden/`` and compared by ``tests/test_prompts.py``.
 """
 
 from __future__ import annotations

@@ -185,8 +185,11 @@ def mine_parts_ray(parts: dict[str, tuple[pd.DataFrame, MiningConfig]]) -> dict[
     out = {}
     for name in names:
         rows = kept.filter(pc.equal(kept[PART], name)) if kept.num_rows else kept
-        ordered = rows.sort_by([("note_id", "ascending"), ("rank", "ascending")]) if rows.num_rows else rows
-        pairs = ordered.select(list(PAIRS_SCHEMA.names)).cast(PAIRS_SCHEMA) if rows.num_rows else PAIRS_SCHEMA.empty_table()
+        if rows.num_rows:  # the exact order: note_id, then rank (exact score desc, related_note_id)
+            pairs = rows.sort_by([("note_id", "ascending"), ("rank", "ascending")])
+            pairs = pairs.select(list(PAIRS_SCHEMA.names)).cast(PAIRS_SCHEMA)
+        else:
+            pairs = PAIRS_SCHEMA.empty_table()
         out[name] = (pairs, stats[name] + selection[name])
     return out
 

@@ -277,7 +277,8 @@ def test_users_with_one_note_each_give_a_no_pairs_error(ray_cluster, tmp_path, c
     assert rc == 2
     _, _, train, _ = reference_split(pd.read_parquet(REPO_ROOT / "data/stackexchange/notes.parquet"), b, 0.25)
     users = train["user_id"].nunique()
-    assert f"no train pairs mined: {len(train)} events from {users} users; {users} users engaged with one note only" in err
+    assert (f"no train pairs mined: {len(train)} events from {users} users; "
+            f"{users} users engaged with one note only") in err
     assert "mining.max_notes_per_user" in err
     assert not (tmp_path / "pairs").exists()
 

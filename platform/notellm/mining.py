@@ -23,7 +23,8 @@ see ``notellm.split``):
 4. **Score.** ``s(A→B) = sum over contributing users of 1/N_i`` and ``n_users(A→B)`` = the
    number of contributing users. Scores are computed *exactly* (as integers over the common
    denominator ``lcm`` of the N_i values), so thresholds and ties are decided on exact rationals:
-   1/3 + 1/6 ties with 1/2. The ``score`` column is that rational rounded to the nearest float64.
+   1/3 + 1/4 + 1/6 ties with 1/2 + 1/4 (their float64 sums differ). The ``score`` column is that
+   rational rounded to the nearest float64; the result never depends on summation order.
 5. **Selection**, for each note A separately: candidates B with ``s(A→B) > cfg.u`` are dropped
    (``dropped_above_u``), then those with ``s(A→B) < cfg.l`` (``dropped_below_l``); a score
    equal to ``u`` or ``l`` is kept. ``u`` and ``l`` are taken as the decimal numbers written in
@@ -31,7 +32,8 @@ see ``notellm.split``):
    the top ``cfg.t`` by score are kept, ties broken by ``related_note_id`` ascending (code-point
    order); the others are ``dropped_top_t``.
 6. **Output**: rows ``(note_id: string, related_note_id: string, score: float64,
-   n_users: int64)`` sorted by ``(note_id asc, score desc, related_note_id asc)``.
+   n_users: int64)`` sorted by ``(note_id asc, score desc, related_note_id asc)``, ids in
+   code-point order and scores compared exactly.
 
 Counts (``MiningStats``) satisfy ``users = users_one_note + heavy_users_skipped + users_mined``
 and ``candidate_pairs = dropped_above_u + dropped_below_l + dropped_top_t + pairs_out``.
@@ -58,7 +60,9 @@ import pyarrow as pa
 
 from notellm.config import MiningConfig
 
-# Columns of the tables passed between the stages.
+# Columns of the tables passed between the stages. PART names the independent mining job a row
+# belongs to when several share one Ray pipeline (see the batch adapters at the end).
+PART = "part"
 EVENT_COLUMNS = ("user_id", "note_id", "ts")
 CONTRIBUTION_COLUMNS = ("note_id", "related_note_id", "n_notes", "n_users")
 PAIR_COLUMNS = ("note_id", "related_note_id", "score", "n_users")
@@ -179,14 +183,14 @@ class _UserNotes:
     first_ts: np.ndarray  # int64 microseconds, per kept (user, note)
     starts: np.ndarray  # int64 first row of each mined user
     sizes: np.ndarray  # int64 N_i of each mined user (after the cap)
-    note_names: pd.Index  # note ids, sorted
+    note_names: pd.Index  # note ids (note_code indexes them)
     stats: MiningStats  # user-level counts
 
 
 def _first_engagements(events: pd.DataFrame, cfg: MiningConfig) -> _UserNotes:
     _require_columns(events, EVENT_COLUMNS, "events")
-    user_code, user_names = pd.factorize(events["user_id"], sort=True)
-    note_code, note_names = pd.factorize(events["note_id"], sort=True)
+    user_code, user_names = pd.factorize(events["user_id"])
+    note_code, note_names = pd.factorize(events["note_id"])
     if (user_code < 0).any() or (note_code < 0).any():
         raise MiningInputError("events hold null user_id or note_id values")
     first = (pd.DataFrame({"u": user_code, "n": note_code, "ts": _timestamps_us(events["ts"])})
@@ -331,7 +335,7 @@ def classify_candidates(contributions: pd.DataFrame, u: float, l: float, t: int)
     if exact_int64:
         above_num, below_num = min(above_num, _INT64_MAX), min(below_num, _INT64_MAX)
     status = np.full(len(num), KEPT, dtype=np.int8)
-    status[num >= above_num] = ABOVE_U
+    status[num > above_num] = ABOVE_U
     status[(status == KEPT) & (num < below_num)] = BELOW_L
 
     # Order: note asc, exact score desc, related note asc (codes follow sorted ids).
@@ -395,12 +399,12 @@ def mine_pairs_local(events: pd.DataFrame, cfg: MiningConfig) -> tuple[pd.DataFr
 # ("parts", e.g. the train and the test split) share one Ray pipeline: every row carries its part
 # name in the column ``PART`` and each part is mined with its own config, as if alone.
 
-PART = "part"
-
 
 def _per_part(batch: pd.DataFrame, fn: Callable[[pd.DataFrame, str], pd.DataFrame],
               empty: pd.DataFrame) -> pd.DataFrame:
     """``fn(rows of one part without the PART column, part)`` for each part, with PART added back."""
+    if len(batch) == 0 or PART not in batch.columns:  # an empty hash partition
+        return empty.assign(**{PART: pd.Series([], dtype="str")})
     frames = [fn(rows.drop(columns=PART).reset_index(drop=True), str(part)).assign(**{PART: str(part)})
               for part, rows in batch.groupby(PART, sort=True)]
     frames = [f for f in frames if len(f)]

@@ -19,3 +19,5 @@ submit() {
 }
 
 submit ingest
+submit mine_pairs
+submit build_prompts

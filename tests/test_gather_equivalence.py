@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from notellm.distributed import (
     gather_ids,
     gather_no_grad,
+    gather_with_grad,
     get_rank,
     get_world_size,
     global_token_count,
@@ -196,3 +197,16 @@ def test_two_gloo_workers_match_single_process(tmp_path: Path) -> None:
     assert tau_rel < MATCH_TOL
     for variant in VARIANTS[1:]:
         assert diffs[variant] > MISMATCH_MIN, variant
+
+
+def test_single_process_helpers_are_identity_and_ids_are_stable() -> None:
+    assert not dist.is_initialized()
+    assert (get_rank(), get_world_size()) == (0, 1)
+    x = torch.randn(3, 4, requires_grad=True)
+    assert gather_with_grad(x) is x
+    assert float(global_token_count(7)) == 7.0
+    ids = note_id_hash(["golden:2", "x", "golden:2"])
+    assert ids.dtype == torch.int64 and bool((ids >= 0).all())
+    # blake2b-based, not Python's salted hash(): the same in every process and every run.
+    assert ids.tolist() == [7988461010305972894, 5395104992458594383, 7988461010305972894]
+    assert torch.equal(gather_ids(ids), ids)

@@ -157,7 +157,7 @@ def test_lora_trains_emb_row_projection_and_tau_only(tiny) -> None:
     encoded = builder.encode_many(make_notes(4), "train", task="category")
     batch = batch_of(encoded, model)
     model.zero_grad(set_to_none=True)
-    emb, hidden = model.forward_train(batch)
+    emb, hidden = model(batch)  # forward == forward_train (what a DDP wrapper calls)
     assert emb.requires_grad and hidden.requires_grad
     sim = emb @ emb.T * model.scale()
     logits = hidden[:, :-1] @ model.lm_head_weight().T

@@ -43,7 +43,7 @@ def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the SUM over ranks of the gradients w.r.t. its slice.
+    """all_gather whose backward gives each rank the SUM over ranks of the grads of its slice.
 
     Forward: ``x`` [n, ...] -> [W*n, ...] (rank r's rows at ``r*n:(r+1)*n``).
     Backward: ``grad`` [W*n, ...] differs per rank (each rank's own loss); it is all-reduced (sum)

@@ -97,7 +97,7 @@ def csft_loss(hidden_states: torch.Tensor, labels: torch.Tensor,
     """
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    logits = lm_head(hidden_states[:, 1:][keep])
+    logits = lm_head(hidden_states[:, :-1][keep])  # [T, vocab]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     nll_sum = F.cross_entropy(logits, targets[keep].long(), reduction="sum")
     denominator = keep.sum().clamp(min=1) if num_tokens is None else num_tokens

@@ -225,6 +225,7 @@ class NoteLLM(nn.Module):
         out = self.decoder()(
             input_ids=input_ids,
             attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
             use_cache=False,
         )
         return out.last_hidden_state
@@ -264,9 +265,10 @@ class NoteLLM(nn.Module):
         hidden = self.hidden_states(batch["input_ids"], batch["lengths"], "right")
         return self.pool(hidden, batch["emb_pos"]), hidden
 
-    def forward(self, input_ids, lengths, emb_pos, padding_side: PaddingSide = "right"):
-        """Same as ``encode`` (so DDP wrapping works)."""
-        return self.encode(input_ids, lengths, emb_pos, padding_side)
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_train``. Under DDP call the wrapper (``ddp_model(batch)``), not
+        ``forward_train`` directly: DDP prepares its gradient all-reduce in ``forward``."""
+        return self.forward_train(batch)
 
     @torch.inference_mode()
     def generate(

@@ -6,7 +6,6 @@ greedy generation, and that embedding never runs the LM head."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 import pytest
 from safetensors import safe_open
 
@@ -19,7 +18,8 @@ from notellm.modeling import (
     pad_sequences,
     position_ids_from_mask,
 )
-from notellm.prompts import PromptBuilder
+from notellm.losses import csft_loss, gathered_gcl_loss, total_loss
+from notellm.prompts import IGNORE_INDEX, PromptBuilder
 
 TINY = ModelConfig(name="tiny-llama", emb_dim=32, tau_init=3.0)
 LORA = LoraConfig()  # default: r=16, all 7 projection modules
@@ -156,14 +156,17 @@ def test_lora_trains_emb_row_projection_and_tau_only(tiny) -> None:
 
     encoded = builder.encode_many(make_notes(4), "train", task="category")
     batch = batch_of(encoded, model)
+    labels = torch.full_like(batch["input_ids"], IGNORE_INDEX)
+    for row, e in enumerate(encoded):
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
     model.zero_grad(set_to_none=True)
     emb, hidden = model(batch)  # forward == forward_train (what a DDP wrapper calls)
     assert emb.requires_grad and hidden.requires_grad
-    sim = emb @ emb.T * model.scale()
-    logits = hidden[:, :-1] @ model.lm_head_weight().T
-    targets = batch["input_ids"][:, 1:]
-    loss = F.cross_entropy(sim, torch.arange(4)) + F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    loss.backward()
+    logits = model.lm_logits(hidden[:, :3])
+    torch.testing.assert_close(logits, hidden[:, :3] @ model.lm_head_weight().T)
+    l_cl = gathered_gcl_loss(emb, torch.arange(4), model.tau)  # pairs (0, 2), (1, 3)
+    l_gen = csft_loss(hidden, labels, model.lm_logits)
+    total_loss(l_cl, l_gen, alpha=1.0).backward()
 
     params = dict(model.named_parameters())
     for name in names:
@@ -278,3 +281,23 @@ def test_smollm2_embedding_padding_invariance_and_cross_model_refusal(tiny, tmp_
     tiny_path = tiny[0].save_trainable_state(tmp_path / "tiny.safetensors")
     with pytest.raises(TrainableStateError, match="fingerprint"):
         model.load_trainable_state(tiny_path)
+
+
+def test_merged_adapters_embed_like_unmerged(tiny, tmp_path) -> None:
+    """Serving may fold LoRA and the [EMB] row into the base weights: same embeddings."""
+    builder = tiny[1]
+    serving, _ = build_notellm(TINY, LORA, for_training=False)
+    perturb_trainable(serving, seed=3)
+    path = serving.save_trainable_state(tmp_path / "state.safetensors")
+    base_row = serving.causal_lm.get_base_model().get_input_embeddings().token_adapter.base_layer.weight
+    row_before = base_row[serving.emb_token_id].clone()
+    encoded = builder.encode_many(make_notes(4), "embed")
+    with torch.inference_mode():
+        unmerged = serving.encode(**batch_of(encoded, serving))
+        serving.merge_adapters()
+        merged = serving.encode(**batch_of(encoded, serving))
+    assert (merged - unmerged).abs().max() < ATOL
+    assert not torch.equal(base_row[serving.emb_token_id], row_before)  # really merged
+    torch.testing.assert_close(serving.lm_head_weight(), base_row, atol=0, rtol=0)
+    with pytest.raises(TrainableStateError, match="merged"):
+        serving.load_trainable_state(path)

@@ -24,21 +24,24 @@ What is trainable is fixed at build time (``trainable_names``). ``for_training=F
 same structure, freezes everything and switches to eval mode: load a trained state into it with
 ``load_trainable_state``.
 
-Padding. ``encode``/``forward_train`` take token ids padded on the right (default) or the left,
-and the true lengths; the attention mask is built from the lengths (never from ``token ==
+Padding. ``encode`` takes token ids padded on the right (default) or the left (``forward_train``:
+right), and the true lengths; the attention mask is built from the lengths (never from ``token ==
 pad``: SmolLM2's pad token is its EOS) and ``position_ids`` from the mask, so a note gets the same
 embedding alone, in any batch, with either padding side (up to float rounding).
 
 Saved state. ``save_trainable_state`` writes a safetensors file with the trainable tensors only
 (LoRA A/B, the ``[EMB]`` row, ``proj``, ``tau``: adapter-sized) and metadata including
-``base_model_fingerprint``; ``load_trainable_state`` refuses a file made on another base model.
+``base_model_fingerprint`` (``<kind>:<ModelSpec.sha256>``, plus the seed for ``tiny-llama``);
+``load_trainable_state`` refuses a file made on another base model. For serving,
+``merge_adapters`` folds LoRA and the ``[EMB]`` row into the base weights (same embeddings up to
+float rounding, no adapter matmuls).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Literal
@@ -173,6 +176,7 @@ class NoteLLM(nn.Module):
         self.base_model_fingerprint = fingerprint
         self.lora_enabled = lora_enabled
         self.emb_dim = emb_dim
+        self.merged = False
         self.trainable_names: tuple[str, ...] = tuple(
             sorted(n for n, p in self.named_parameters() if p.requires_grad)
         )
@@ -206,6 +210,11 @@ class NoteLLM(nn.Module):
         if adapter is not None:
             return adapter.get_base_layer().weight
         return head.weight
+
+    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., H] hidden states -> [..., V] logits through the LM head module (the ``lm_head``
+        callable of ``notellm.losses.csft_loss``). Gradient as for ``lm_head_weight``."""
+        return self.output_embeddings()(hidden)
 
     def scale(self) -> torch.Tensor:
         """exp(tau): the similarity scale of the contrastive loss (0-dim, carries gradient)."""
@@ -259,8 +268,9 @@ class NoteLLM(nn.Module):
         ``batch``: ``input_ids`` [B, T] (right-padded training prompts), ``lengths`` [B],
         ``emb_pos`` [B]. Returns ``(emb, hidden)``: ``emb`` [B, d] float32 L2-normalised note
         embeddings and ``hidden`` [B, T, H] last hidden states (model dtype), both carrying
-        gradient. Generation logits are ``hidden @ lm_head_weight().T`` (the causal attention
-        makes the embedding independent of the tokens after ``[EMB]``).
+        gradient. For the losses: ``csft_loss(hidden, labels, model.lm_logits)`` and
+        ``gathered_gcl_loss(emb, ids, model.tau)``. The causal attention makes ``emb``
+        independent of the tokens after ``[EMB]`` (same as ``encode`` of the embed prompt).
         """
         hidden = self.hidden_states(batch["input_ids"], batch["lengths"], "right")
         return self.pool(hidden, batch["emb_pos"]), hidden
@@ -304,6 +314,17 @@ class NoteLLM(nn.Module):
         """Keep the tokenizer (with ``[EMB]``) for ``generate``; not a module, not saved."""
         object.__setattr__(self, "tokenizer", tokenizer)
 
+    def merge_adapters(self) -> None:
+        """Fold LoRA and the ``[EMB]`` row into the base weights (peft ``merge_adapter``) for
+        faster inference; embeddings change only by float rounding. Only for a frozen model in
+        eval mode; ``trainable_state_dict`` still works, ``load_trainable_state`` is refused
+        afterwards (the merged weights would keep the old adapter). No-op without LoRA."""
+        if self.training or any(p.requires_grad for p in self.parameters()):
+            raise RuntimeError("merge_adapters is for inference: build with for_training=False")
+        if self.lora_enabled and not self.merged:
+            self.causal_lm.merge_adapter()
+            self.merged = True
+
     # ------------------------------------------------------------------ trainable state
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -323,7 +344,9 @@ class NoteLLM(nn.Module):
             "lora_enabled": json.dumps(self.lora_enabled),
         }
 
-    def save_trainable_state(self, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None) -> Path:
+    def save_trainable_state(
+        self, path: str | os.PathLike, extra_metadata: Mapping[str, str] | None = None
+    ) -> Path:
         """Write ``trainable_state_dict`` + metadata to a safetensors file (atomically: a temporary
         sibling is renamed into place). Returns the path."""
         path = Path(path)
@@ -339,11 +362,15 @@ class NoteLLM(nn.Module):
         metadata. Raises ``TrainableStateError`` when the file was made on another base model
         (fingerprint), with another ``[EMB]`` id, or another set/shape of trainable tensors."""
         path = Path(path)
+        if self.merged:
+            raise TrainableStateError(f"{path}: cannot load into a model whose adapters are merged")
         with safe_open(str(path), framework="pt", device="cpu") as fh:
             metadata = fh.metadata() or {}
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         if metadata.get("format") != STATE_FORMAT:
-            raise TrainableStateError(f"{path}: not a NoteLLM trainable state (format {metadata.get('format')!r})")
+            raise TrainableStateError(
+                f"{path}: not a NoteLLM trainable state (format {metadata.get('format')!r})"
+            )
         theirs = metadata.get("base_model_fingerprint")
         if theirs != self.base_model_fingerprint:
             raise TrainableStateError(
@@ -353,7 +380,8 @@ class NoteLLM(nn.Module):
             )
         if metadata.get("emb_token_id") != str(self.emb_token_id):
             raise TrainableStateError(
-                f"{path}: [EMB] token id {metadata.get('emb_token_id')} != this tokenizer's {self.emb_token_id}"
+                f"{path}: [EMB] token id {metadata.get('emb_token_id')} != this tokenizer's "
+                f"{self.emb_token_id}"
             )
         expected = set(self.trainable_names)
         if set(tensors) != expected:
@@ -427,7 +455,9 @@ def build_notellm(
             trainable_token_indices=[emb_token_id],
             task_type="CAUSAL_LM",
         )
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+            # peft 0.21 calls a transformers 5 method deprecated in favour of a new name
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
             torch.manual_seed(seed)
             causal_lm: nn.Module = get_peft_model(base, peft_cfg)
     else:
@@ -454,11 +484,3 @@ def build_notellm(
         model.eval()
     return model, tokenizer
 
-
-def state_file_digest(path: str | os.PathLike) -> str:
-    """sha256 of a saved trainable-state file (for registries and index stamps)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

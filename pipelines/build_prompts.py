@@ -31,7 +31,6 @@ a note that is not in notes.parquet. Logs to MLflow when ``MLFLOW_TRACKING_URI``
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -47,10 +46,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from notellm.config import ConfigError, PipelineConfig, PromptConfig, load_config
+from notellm.config import PipelineConfig, PromptConfig
 from notellm.io_utils import atomic_write_text
 from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import HASHTAG, PromptBuilder, PromptError
+from notellm.stage_cli import run_stage
 
 INGEST_STAGE = "python -m pipelines.ingest"
 MINE_STAGE = "python -m pipelines.mine_pairs"
@@ -339,21 +339,8 @@ def log_to_mlflow(cfg: PipelineConfig, summary: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.build_prompts", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="pipeline YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        summary = build_prompts(cfg)
-    except (ConfigError, PromptStageError, PromptError, ModelResolutionError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        run_id = log_to_mlflow(cfg, summary)
-        print(f"MLflow run {run_id} at {os.environ['MLFLOW_TRACKING_URI']}")
-    return 0
-
+    return run_stage("pipelines.build_prompts", __doc__, lambda cfg, _: build_prompts(cfg), log_to_mlflow,
+                     (PromptStageError, PromptError, ModelResolutionError), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,18 +13,16 @@ written is touched in that case.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import time
-from pathlib import Path
 
-from notellm.config import ConfigError, PipelineConfig, load_config
+from notellm.config import PipelineConfig
 from notellm.data.io import DataValidationError, write_table
 from notellm.data.stats import dataset_stats, format_stats
 from notellm.data.validate import load_and_validate
 from notellm.io_utils import atomic_write_text
+from notellm.stage_cli import run_stage
 
 
 def ingest(cfg: PipelineConfig) -> dict:
@@ -67,21 +65,8 @@ def log_to_mlflow(cfg: PipelineConfig, stats: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.ingest", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="pipeline YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        stats = ingest(cfg)
-    except (ConfigError, DataValidationError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        run_id = log_to_mlflow(cfg, stats)
-        print(f"MLflow run {run_id} at {os.environ['MLFLOW_TRACKING_URI']}")
-    return 0
-
+    return run_stage("pipelines.ingest", __doc__, lambda cfg, _: ingest(cfg), log_to_mlflow,
+                     (DataValidationError,), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

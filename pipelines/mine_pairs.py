@@ -38,7 +38,6 @@ deterministic.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -52,7 +51,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from notellm.config import ConfigError, MiningConfig, PipelineConfig, load_config
+from notellm.config import MiningConfig, PipelineConfig
 from notellm.io_utils import atomic_write_parquet, atomic_write_text
 from notellm.mining import (
     PAIRS_SCHEMA,
@@ -75,6 +74,7 @@ from notellm.split import (
     pairs_per_category,
     split_behaviors,
 )
+from notellm.stage_cli import run_stage
 
 # Hash partitions per shuffle: at least one per cluster CPU, and about this many events each.
 EVENTS_PER_PARTITION = 1_000_000
@@ -308,21 +308,7 @@ def log_to_mlflow(cfg: PipelineConfig, result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.mine_pairs", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="pipeline YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = mine(cfg, str(args.config))
-    except (ConfigError, MiningInputError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        run_id = log_to_mlflow(cfg, result)
-        print(f"MLflow run {run_id} at {os.environ['MLFLOW_TRACKING_URI']}")
-    return 0
-
+    return run_stage("pipelines.mine_pairs", __doc__, mine, log_to_mlflow, (MiningInputError,), argv)
 
 if __name__ == "__main__":
     sys.exit(main())

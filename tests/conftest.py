@@ -8,8 +8,11 @@ the end. Tests that do not request it start nothing.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,3 +53,25 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceInfo]:
                 os.environ[key] = value
         stop_services(state_dir)
         shutil.rmtree(info.ray_temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def submit_stage(services: ServiceInfo):
+    """``submit_stage("pipelines.ingest", work_dir)``: run a stage with `ray job submit` on the
+    session's cluster (demo config, ``data.work_dir`` overridden), logging to its MLflow server.
+
+    Returns the ``CompletedProcess``; the caller asserts on its return code and output.
+    """
+    venv_bin = os.path.dirname(sys.executable)
+    env = dict(os.environ, PATH=f"{venv_bin}:{os.environ['PATH']}")
+    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": services.mlflow_url}})
+
+    def submit(module: str, work_dir: Path, *overrides: str, config: str = "configs/demo.yaml"):
+        return subprocess.run(
+            [f"{venv_bin}/ray", "job", "submit", "--address", services.dashboard_url, "--working-dir", ".",
+             "--runtime-env-json", runtime_env, "--",
+             "python", "-m", module, "--config", config, f"data.work_dir={work_dir}", *overrides],
+            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900,
+        )
+
+    return submit

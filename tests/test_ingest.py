@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,7 +13,6 @@ from mlflow.tracking import MlflowClient
 from notellm.config import REPO_ROOT, load_config
 from pipelines.ingest import ingest
 
-VENV_BIN = os.path.dirname(sys.executable)
 
 
 def test_ingest_default_dataset_writes_clean_tables_and_stats(tmp_path):
@@ -58,15 +56,8 @@ def test_bad_input_exits_2_naming_file_row_field_and_keeps_previous_output(tmp_p
     assert (tmp_path / "ingested/notes.parquet").read_bytes() == before
 
 
-def test_ingest_runs_as_a_ray_job_and_logs_to_mlflow(services, tmp_path):
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": services.mlflow_url}})
-    proc = subprocess.run(
-        [f"{VENV_BIN}/ray", "job", "submit", "--address", services.dashboard_url, "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "pipelines.ingest", "--config", "configs/demo.yaml", f"data.work_dir={tmp_path}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+def test_ingest_runs_as_a_ray_job_and_logs_to_mlflow(services, submit_stage, tmp_path):
+    proc = submit_stage("pipelines.ingest", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     assert (tmp_path / "ingested/behaviors.parquet").is_file()

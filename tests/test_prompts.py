@@ -33,7 +33,6 @@ from notellm.prompts import (
     quote_escape,
 )
 
-VENV_BIN = os.path.dirname(sys.executable)
 GOLDEN = REPO_ROOT / "tests" / "golden"
 NOTES_PATH = REPO_ROOT / "data" / "stackexchange" / "notes.parquet"
 
@@ -418,18 +417,11 @@ def test_missing_inputs_name_the_stage_to_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def built(services, tmp_path_factory):
+def built(submit_stage, tmp_path_factory):
     """One run of the stage as a Ray job on the session's cluster, logging to its MLflow."""
     work = tmp_path_factory.mktemp("prompts_stage")
     train_pairs, _ = _write_stage_inputs(work)
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": services.mlflow_url}})
-    proc = subprocess.run(
-        [f"{VENV_BIN}/ray", "job", "submit", "--address", services.dashboard_url, "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "pipelines.build_prompts", "--config", "configs/demo.yaml", f"data.work_dir={work}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = submit_stage("pipelines.build_prompts", work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return work, train_pairs, proc
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -25,7 +22,6 @@ from notellm.split import (
 )
 from pipelines.ingest import ingest
 
-VENV_BIN = os.path.dirname(sys.executable)
 T0 = pd.Timestamp("2024-01-01", tz="UTC")
 
 
@@ -111,17 +107,10 @@ def test_test_pool_excludes_train_pair_notes_and_pairs_stay_in_their_split():
         check_pairs_within_split(notes_split, leaking, "train")
 
 
-def test_mine_pairs_runs_as_a_ray_job_and_logs_to_mlflow(services, tmp_path):
+def test_mine_pairs_runs_as_a_ray_job_and_logs_to_mlflow(services, submit_stage, tmp_path):
     cfg = load_config(REPO_ROOT / "configs/demo.yaml", [f"data.work_dir={tmp_path}"])
     ingest(cfg)
-    env = dict(os.environ, PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    runtime_env = json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": services.mlflow_url}})
-    proc = subprocess.run(
-        [f"{VENV_BIN}/ray", "job", "submit", "--address", services.dashboard_url, "--working-dir", ".",
-         "--runtime-env-json", runtime_env, "--",
-         "python", "-m", "pipelines.mine_pairs", "--config", "configs/demo.yaml", f"data.work_dir={tmp_path}"],
-        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )
+    proc = submit_stage("pipelines.mine_pairs", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout + proc.stderr
     assert "train pairs" in proc.stdout and "cardano" in proc.stdout  # the per-category summary

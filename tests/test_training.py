@@ -1,0 +1,232 @@
+"""Training: batching, the GCL + CSFT step on tiny-llama, checkpoints, the Ray Train job, bad inputs.
+
+Inputs are real: notes of the default dataset, encoded by the real ``PromptBuilder`` into
+``TRAIN_SCHEMA`` rows; pairs link consecutive notes of the same category.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from notellm.config import PipelineConfig, load_config
+from notellm.modeling import TrainableStateError, build_notellm
+from notellm.models import ModelResolutionError, load_causal_lm, load_tokenizer
+from notellm.prompts import IGNORE_INDEX, PromptBuilder
+from notellm.training import (
+    TRAINABLE_STATE_FILE,
+    BatchPlan,
+    TrainingDataError,
+    build_optimizer,
+    check_training_inputs,
+    collate,
+    load_checkpoint,
+    load_training_data,
+    save_checkpoint,
+    seed_everything,
+    train_step,
+)
+from pipelines import train as train_stage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NOTES_PATH = REPO_ROOT / "data/stackexchange/notes.parquet"
+NOTES_PER_CATEGORY = 8
+
+
+def make_inputs(work: Path, model: str = "tiny-llama") -> int:
+    """Write ``pairs/train.parquet`` and ``prompts/{train/,meta.json}`` under ``work``; returns the
+    number of pairs (consecutive notes of one category, NOTES_PER_CATEGORY notes per category)."""
+    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", [f"data.work_dir={work}"])
+    notes = pq.read_table(NOTES_PATH).select(["note_id", "title", "content", "hashtags", "category"])
+    notes = notes.sort_by([("category", "ascending"), ("note_id", "ascending")])
+    rows: list[dict] = []
+    for cat in sorted(set(notes.column("category").to_pylist())):
+        rows += notes.filter(pc.equal(notes.column("category"), cat)).slice(0, NOTES_PER_CATEGORY).to_pylist()
+    builder = PromptBuilder(load_tokenizer(model, fresh=True), cfg.prompts)
+    (work / "prompts" / "train").mkdir(parents=True)
+    pq.write_table(builder.encode_table(pa.Table.from_pylist(rows), "train"),
+                   work / "prompts" / "train" / "part-0.parquet")
+    pairs = [(a["note_id"], b["note_id"]) for a, b in zip(rows, rows[1:]) if a["category"] == b["category"]]
+    (work / "pairs").mkdir()
+    pq.write_table(pa.table({"note_id": [a for a, _ in pairs], "related_note_id": [b for _, b in pairs],
+                             "score": [1.0] * len(pairs), "n_users": [1] * len(pairs)}),
+                   work / "pairs" / "train.parquet")
+    meta = {"model": model, "emb_token_id": builder.emb_token_id, "pad_token_id": builder.tokenizer.pad_token_id}
+    (work / "prompts" / "meta.json").write_text(json.dumps(meta))
+    return len(pairs)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    folder = tmp_path_factory.mktemp("train_inputs")
+    return folder, make_inputs(folder)
+
+
+def tiny_cfg(work: Path, *overrides: str) -> PipelineConfig:
+    return load_config(REPO_ROOT / "configs/tiny.yaml", [f"data.work_dir={work}", *overrides])
+
+
+# ------------------------------------------------------------------------------------ batching
+
+
+def test_data_join_and_batch_layout(work):
+    folder, num_pairs = work
+    cfg = tiny_cfg(folder, "training.pairs_per_batch=8")
+    data = load_training_data(cfg)
+    assert data.num_pairs == num_pairs
+    pairs = pq.read_table(folder / "pairs/train.parquet").to_pylist()
+    assert [(data.note_ids[a], data.note_ids[b]) for a, b in data.pairs] == [
+        (p["note_id"], p["related_note_id"]) for p in pairs]
+
+    plan = BatchPlan(data, 8, seed=0)
+    epoch = np.concatenate([plan.global_pairs(s) for s in range(plan.steps_per_epoch)])
+    assert len(set(epoch.tolist())) == plan.steps_per_epoch * 8  # each pair at most once an epoch
+    assert [plan.global_pairs(s).tolist() for s in range(10)] == [
+        BatchPlan(data, 8, seed=0).global_pairs(s).tolist() for s in range(10)]  # position = step
+    assert any(not np.array_equal(plan.global_pairs(s), BatchPlan(data, 8, seed=1).global_pairs(s))
+               for s in range(3))
+    assert not np.array_equal(plan.global_pairs(0), plan.global_pairs(plan.steps_per_epoch))  # reshuffled
+
+    # rank r of W = 2 takes pairs [r*b:(r+1)*b] and lays them out [a_1..a_b, b_1..b_b]
+    pad = data.meta["pad_token_id"]
+    global_pairs = plan.global_pairs(3)
+    for rank in range(2):
+        batch = plan.local_batch(3, rank, 2, pad)
+        mine = global_pairs[rank * 4:(rank + 1) * 4]
+        assert torch.equal(batch["input_ids"], collate(data, mine, pad)["input_ids"])
+        rows = [data.pairs[p][0] for p in mine] + [data.pairs[p][1] for p in mine]
+        for k, row in enumerate(rows):
+            n = batch["lengths"][k].item()
+            assert batch["input_ids"][k, :n].tolist() == data.input_ids[row]
+            assert batch["labels"][k, :n].tolist() == data.labels[row]
+            assert (batch["labels"][k, n:] == IGNORE_INDEX).all()
+            assert batch["input_ids"][k, batch["emb_pos"][k] + 1].item() == data.meta["emb_token_id"]
+
+
+# ------------------------------------------------------------------------------------ the step
+
+
+def test_loss_decreases_on_tiny_llama(work):
+    folder, _ = work
+    cfg = tiny_cfg(folder, "training.pairs_per_batch=8", "training.num_workers=1", "training.lr=1e-2",
+                   "training.max_steps=30")
+    data = load_training_data(cfg)
+    seed_everything(0)
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    plan = BatchPlan(data, 8, seed=0)
+    history = [train_step(model, plan.local_batch(s, 0, 1, model.pad_token_id), optimizer, scheduler, cfg)
+               for s in range(30)]
+    losses = [m["loss"] for m in history]
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
+    assert history[0]["notes"] == 16 and history[0]["tokens"] > 16
+    assert history[0]["lr"] < history[2]["lr"] and history[-1]["lr"] < history[5]["lr"]  # warmup, decay
+    assert history[-1]["tau"] != pytest.approx(cfg.model.tau_init, abs=1e-6)  # tau is trained
+
+
+def test_checkpoint_round_trip_and_other_base_model(work, tmp_path):
+    folder, _ = work
+    cfg = tiny_cfg(folder, "training.pairs_per_batch=4", "training.num_workers=1")
+    data = load_training_data(cfg)
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    plan = BatchPlan(data, 4, seed=0)
+    for s in range(2):
+        train_step(model, plan.local_batch(s, 0, 1, model.pad_token_id), optimizer, scheduler, cfg)
+    save_checkpoint(tmp_path / "ckpt", model, optimizer, scheduler, 2, cfg)
+
+    fresh, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    opt2, sch2 = build_optimizer(fresh, cfg)
+    state = load_checkpoint(tmp_path / "ckpt", fresh, opt2, sch2)
+    assert state["step"] == 2 and state["pairs_seen"] == 8
+    for name, value in model.trainable_state_dict().items():
+        assert torch.equal(fresh.trainable_state_dict()[name], value), name
+    assert sch2.last_epoch == 2 and opt2.param_groups[0]["lr"] == optimizer.param_groups[0]["lr"]
+
+    other, _ = build_notellm(cfg.model, cfg.lora, for_training=True, seed=1)  # other tiny-llama weights
+    with pytest.raises(TrainableStateError, match="base model"):
+        load_checkpoint(tmp_path / "ckpt", other)
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+
+
+def test_fewer_pairs_than_a_global_batch_is_refused(work, capsys):
+    folder, num_pairs = work
+    cfg = tiny_cfg(folder, "training.pairs_per_batch=64")
+    assert num_pairs < 64
+    with pytest.raises(TrainingDataError, match="fewer than one global batch"):
+        check_training_inputs(load_training_data(cfg), cfg)
+    rc = train_stage.main(["--config", str(REPO_ROOT / "configs/tiny.yaml"), f"data.work_dir={folder}",
+                           "training.pairs_per_batch=64"])
+    assert rc == 2 and "fewer than one global batch" in capsys.readouterr().err
+
+
+def test_missing_inputs_and_indivisible_batch_are_refused(tmp_path, capsys):
+    rc = train_stage.main(["--config", str(REPO_ROOT / "configs/tiny.yaml"), f"data.work_dir={tmp_path}"])
+    assert rc == 2 and "pipelines.mine_pairs" in capsys.readouterr().err
+    rc = train_stage.main(["--config", str(REPO_ROOT / "configs/tiny.yaml"), f"data.work_dir={tmp_path}",
+                           "training.pairs_per_batch=5", "training.num_workers=2"])
+    assert rc == 2 and "divisible" in capsys.readouterr().err
+
+
+def test_base_model_without_tokenizer_is_refused(work, tmp_path, capsys):
+    folder, _ = work
+    model, _ = load_causal_lm("tiny-llama", fresh=True)
+    model.save_pretrained(tmp_path / "no_tokenizer")  # weights + config, no tokenizer files
+    with pytest.raises(ModelResolutionError, match="no tokenizer"):
+        load_tokenizer(str(tmp_path / "no_tokenizer"), fresh=True)
+    rc = train_stage.main(["--config", str(REPO_ROOT / "configs/tiny.yaml"), f"data.work_dir={folder}",
+                           f"model.name={tmp_path / 'no_tokenizer'}"])
+    assert rc == 2 and "no tokenizer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ Ray Train
+
+
+@pytest.fixture
+def ray_client(services):
+    import ray
+
+    ray.init(address=services.ray_address)
+    yield services
+    ray.shutdown()
+
+
+def test_torch_trainer_two_workers_checkpoints_and_resumes(work, ray_client, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    folder, _ = work
+    common = ["training.num_workers=2", "training.pairs_per_batch=4", "training.checkpoint_every=2",
+              f"training.storage_path={tmp_path / 'ray_results'}", "training.run_name=t2"]
+    first = train_stage.train(tiny_cfg(folder, *common, "training.max_steps=4"), threads_per_worker=1)
+    assert first["step"] == 4 and first["metrics"]["start_step"] == 0
+    ckpt = first["checkpoint"]
+    cfg = tiny_cfg(folder, *common)
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    before = model.trainable_state_dict()
+    assert load_checkpoint(ckpt, model)["step"] == 4
+    after = model.trainable_state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # trained weights came back
+    assert json.loads((ckpt / "config.json").read_text())["training"]["run_name"] == "t2"
+
+    # same storage path and run name: resumes from the step-4 checkpoint
+    second = train_stage.train(tiny_cfg(folder, *common, "training.max_steps=6"), threads_per_worker=1)
+    assert second["metrics"]["start_step"] == 4 and second["step"] == 6
+    assert (second["checkpoint"] / TRAINABLE_STATE_FILE).exists()
+
+    client = MlflowClient(ray_client.mlflow_url)
+    run_id = second["mlflow_run_id"]
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [5, 6]
+    artefacts = {a.path for a in client.list_artifacts(run_id, "model")} | {
+        a.path for a in client.list_artifacts(run_id, "plots")}
+    assert {"model/trainable_state.safetensors", "plots/loss_curve.png"} <= artefacts
+    assert client.get_run(run_id).data.params["training.max_steps"] == "6"

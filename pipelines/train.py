@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from notellm.config import ConfigError, PipelineConfig, load_config
-from notellm.modeling import TrainableStateError
+from notellm.modeling import TrainableStateError, base_model_fingerprint
 from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import PromptError, add_emb_token
 from notellm.training import (
@@ -61,8 +61,27 @@ def validate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     emb_token_id = add_emb_token(tokenizer, cfg.prompts.emb_token)
     data = load_training_data(cfg)
     check_training_inputs(data, cfg, emb_token_id)
+    check_previous_checkpoints(cfg)
     return {"pairs": data.num_pairs, "notes": len(data.note_ids),
             "steps_per_epoch": data.num_pairs // cfg.training.pairs_per_batch}
+
+
+def check_previous_checkpoints(cfg: PipelineConfig) -> None:
+    """A run resumes from ``<storage_path>/<run_name>/checkpoint_*``: refuse, before any worker
+    starts, checkpoints made on another base model (``TrainableStateError``) instead of letting every
+    worker fail on them ``max_failures + 1`` times."""
+    from safetensors import safe_open
+
+    expected = base_model_fingerprint(cfg.model.name)
+    run_dir = cfg.resolve_path(cfg.training.storage_path) / cfg.training.run_name
+    for state in sorted(run_dir.glob(f"checkpoint_*/{TRAINABLE_STATE_FILE}")):
+        with safe_open(str(state), framework="pt") as fh:
+            theirs = (fh.metadata() or {}).get("base_model_fingerprint")
+        if theirs != expected:
+            raise TrainableStateError(
+                f"{state} was trained on another base model (fingerprint {theirs}, this config's "
+                f"{cfg.model.name!r} is {expected}); a run with training.run_name="
+                f"{cfg.training.run_name!r} would resume from it: choose another run_name or storage_path")
 
 
 def _start_mlflow_run(cfg: PipelineConfig) -> str:

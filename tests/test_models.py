@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 import notellm  # noqa: F401  (sets HF_HUB_OFFLINE=1)
 from notellm import models
 from notellm.config import REPO_ROOT
+from notellm.services import free_port
 
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -242,14 +243,36 @@ def test_converted_cache_equals_direct_gguf_load(concurrent_cache):
         assert torch.equal(gguf_model(**ids).logits, cached_model(**ids).logits)
 
 
-def test_incomplete_cache_folder_is_reported(tmp_path):
+def test_incomplete_cache_is_rebuilt_even_by_a_nonzero_distributed_rank(tmp_path):
+    """Regression: transformers' save_pretrained writes nothing on ranks != 0 of an initialised
+    process group; a Ray Train worker of rank 1 that built the cache left a folder without weights.
+    Here rank 1 of a real 2-process gloo group rebuilds such a folder; it must come out whole."""
     spec = models.resolve_model("smollm2-135m")
     broken = tmp_path / f"smollm2-135m-{spec.sha256[:12]}"
     broken.mkdir()
-    (broken / "config.json").write_text("{}")
-    with pytest.raises(models.ModelResolutionError, match="delete the folder") as err:
-        models.converted_gguf_dir(spec, tmp_path)
-    assert str(broken) in str(err.value)
+    (broken / models.CACHE_STAMP).write_text(json.dumps({"source_sha256": spec.sha256}))  # no weights
+    code = (
+        "import sys, torch.distributed as dist; from pathlib import Path; "
+        "from notellm.models import converted_gguf_dir, resolve_model; "
+        "rank = int(sys.argv[2]); "
+        "dist.init_process_group('gloo', init_method='tcp://127.0.0.1:' + sys.argv[3], rank=rank, world_size=2); "
+        "folder = converted_gguf_dir(resolve_model('smollm2-135m'), Path(sys.argv[1])) if rank == 1 else None; "
+        "dist.barrier(); dist.destroy_process_group(); print(folder)"
+    )
+    port = str(free_port())
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path), str(rank), port], env=_subprocess_env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)
+    ]
+    results = [(p.communicate(timeout=600), p.returncode) for p in procs]
+    for (_, stderr), rc in results:
+        assert rc == 0, stderr
+    assert results[1][0][0].strip() == str(broken)
+    assert all((broken / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    model = AutoModelForCausalLM.from_pretrained(broken, local_files_only=True)
+    assert model.config.num_hidden_layers == 30
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []  # the old folder is gone
 
 
 # --- tiny-llama ------------------------------------------------------------------------------

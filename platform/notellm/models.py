@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import safetensors.torch
 import torch
 import transformers
 from transformers import (
@@ -375,15 +376,30 @@ def _read_stamp(folder: Path) -> dict | None:
         return None
 
 
-def _check_cache_dir(folder: Path, spec: ModelSpec) -> Path:
+# Files a converted cache folder must hold besides the tokenizer (see converted_gguf_dir).
+CACHE_MODEL_FILES = ("config.json", "model.safetensors")
+
+
+def _cache_dir_complete(folder: Path, spec: ModelSpec) -> bool:
+    """True when ``folder`` holds a whole conversion of ``spec``'s GGUF (stamp, config, weights)."""
     stamp = _read_stamp(folder)
-    if stamp is None or stamp.get("source_sha256") != spec.sha256:
-        raise ModelResolutionError(
-            f"model cache folder {folder} is not a complete conversion of "
-            f"{spec.path / spec.gguf_file} (missing or mismatched {CACHE_STAMP}); "
-            "delete the folder and load again"
-        )
-    return folder
+    return (
+        stamp is not None
+        and stamp.get("source_sha256") == spec.sha256
+        and all((folder / name).is_file() for name in CACHE_MODEL_FILES)
+    )
+
+
+def _save_converted(model: PreTrainedModel, folder: Path) -> None:
+    """Write config, generation config and weights (safetensors) of ``model`` into ``folder``.
+
+    Not ``model.save_pretrained``: under an initialised ``torch.distributed`` process group it
+    silently writes nothing on ranks other than 0, and the cache is often first built inside a
+    Ray Train / DDP worker.
+    """
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    safetensors.torch.save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def converted_gguf_dir(spec: ModelSpec, root: Path | None = None) -> Path:
@@ -396,19 +412,22 @@ def converted_gguf_dir(spec: ModelSpec, root: Path | None = None) -> Path:
     root = (root or cache_root()).expanduser()
     key = f"{spec.name}-{spec.sha256[:12]}"
     final = root / key
-    if final.is_dir():
-        return _check_cache_dir(final, spec)
+    if final.is_dir() and _cache_dir_complete(final, spec):
+        return final
     root.mkdir(parents=True, exist_ok=True)
     with open(root / f".{key}.lock", "w") as lock_file:
         fcntl.flock(lock_file, fcntl.LOCK_EX)  # released when the file closes
-        if final.is_dir():  # another process finished while we waited
-            return _check_cache_dir(final, spec)
+        if final.is_dir() and _cache_dir_complete(final, spec):  # another process finished meanwhile
+            return final
+        if final.is_dir():  # incomplete or mismatched (e.g. written by an older version): rebuild
+            log.warning("model cache folder %s is incomplete; converting again", final)
+            os.rename(final, Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root)) / "old")
         for stale in root.glob(f".{key}.*.tmp"):  # left by a crashed converter (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=root))
         try:
             model, tokenizer = load_gguf(spec)
-            model.save_pretrained(tmp, safe_serialization=True)
+            _save_converted(model, tmp)
             tokenizer.save_pretrained(tmp)
             stamp = {
                 "source": str(spec.path / spec.gguf_file),
@@ -419,6 +438,8 @@ def converted_gguf_dir(spec: ModelSpec, root: Path | None = None) -> Path:
                 "dtype": "float32",
             }
             (tmp / CACHE_STAMP).write_text(json.dumps(stamp, indent=2), encoding="utf-8")
+            if not _cache_dir_complete(tmp, spec):
+                raise ModelResolutionError(f"converting {spec.name} wrote an incomplete folder {tmp}")
             _finish_tree(tmp)
             os.rename(tmp, final)
             dir_fd = os.open(root, os.O_RDONLY)

@@ -13,6 +13,8 @@ as GritLM does) with and without the world-size factor, and a CSFT local token m
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import socket
 from pathlib import Path
@@ -176,6 +178,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_gloo_workers_match_single_process(tmp_path: Path) -> None:
     out_file = tmp_path / "rank0_grads.safetensors"
     mp.spawn(_worker, args=(WORLD, _free_port(), str(out_file)), nprocs=WORLD, join=True)

@@ -8,6 +8,7 @@ import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from mlflow.tracking import MlflowClient
 
 from notellm.config import REPO_ROOT, load_config
@@ -56,6 +57,7 @@ def test_bad_input_exits_2_naming_file_row_field_and_keeps_previous_output(tmp_p
     assert (tmp_path / "ingested/notes.parquet").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_ingest_runs_as_a_ray_job_and_logs_to_mlflow(services, submit_stage, tmp_path):
     proc = submit_stage("pipelines.ingest", tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -203,6 +203,7 @@ def concurrent_cache(tmp_path_factory):
     return root, results
 
 
+@pytest.mark.slow
 def test_concurrent_processes_convert_once_atomically(concurrent_cache):
     root, results = concurrent_cache
     for (_, stderr), rc in results:
@@ -220,6 +221,7 @@ def test_concurrent_processes_convert_once_atomically(concurrent_cache):
     assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_converted_cache_equals_direct_gguf_load(concurrent_cache):
     root, _ = concurrent_cache
     spec = models.resolve_model("smollm2-135m")
@@ -243,6 +245,7 @@ def test_converted_cache_equals_direct_gguf_load(concurrent_cache):
         assert torch.equal(gguf_model(**ids).logits, cached_model(**ids).logits)
 
 
+@pytest.mark.slow
 def test_incomplete_cache_is_rebuilt_even_by_a_nonzero_distributed_rank(tmp_path):
     """Regression: transformers' save_pretrained writes nothing on ranks != 0 of an initialised
     process group; a Ray Train worker of rank 1 that built the cache left a folder without weights.

@@ -426,6 +426,7 @@ def built(submit_stage, tmp_path_factory):
     return work, train_pairs, proc
 
 
+@pytest.mark.slow
 def test_stage_writes_train_and_embed_prompts_keyed_by_note_id(built, builder, services):
     work, train_pairs, proc = built
     out = work / "prompts"
@@ -460,6 +461,7 @@ def test_stage_writes_train_and_embed_prompts_keyed_by_note_id(built, builder, s
     assert metrics["train_rows"] == train.num_rows and metrics["embed_rows"] == embed.num_rows
 
 
+@pytest.mark.slow
 def test_failed_rerun_keeps_the_previous_output(built, tmp_path):
     work, _, _ = built
     before = {p.relative_to(work): p.read_bytes() for p in (work / "prompts").rglob("*") if p.is_file()}

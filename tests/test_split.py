@@ -107,6 +107,7 @@ def test_test_pool_excludes_train_pair_notes_and_pairs_stay_in_their_split():
         check_pairs_within_split(notes_split, leaking, "train")
 
 
+@pytest.mark.slow
 def test_mine_pairs_runs_as_a_ray_job_and_logs_to_mlflow(services, submit_stage, tmp_path):
     cfg = load_config(REPO_ROOT / "configs/demo.yaml", [f"data.work_dir={tmp_path}"])
     ingest(cfg)

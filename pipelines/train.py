@@ -42,6 +42,7 @@ from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import PromptError, add_emb_token
 from notellm.training import (
     CONFIG_FILE,
+    TRAIN_STATE_FILE,
     TRAINABLE_STATE_FILE,
     TrainingDataError,
     check_training_inputs,
@@ -68,8 +69,9 @@ def validate_inputs(cfg: PipelineConfig) -> dict[str, Any]:
 
 def check_previous_checkpoints(cfg: PipelineConfig) -> None:
     """A run resumes from ``<storage_path>/<run_name>/checkpoint_*``: refuse, before any worker
-    starts, checkpoints made on another base model (``TrainableStateError``) instead of letting every
-    worker fail on them ``max_failures + 1`` times."""
+    starts, checkpoints made on another base model (``TrainableStateError``) or with another global
+    batch size or data seed (``TrainingDataError``: the saved step would point at other batches)
+    instead of letting every worker fail on them ``max_failures + 1`` times."""
     from safetensors import safe_open
 
     expected = base_model_fingerprint(cfg.model.name)
@@ -82,6 +84,13 @@ def check_previous_checkpoints(cfg: PipelineConfig) -> None:
                 f"{state} was trained on another base model (fingerprint {theirs}, this config's "
                 f"{cfg.model.name!r} is {expected}); a run with training.run_name="
                 f"{cfg.training.run_name!r} would resume from it: choose another run_name or storage_path")
+        saved = json.loads((state.parent / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+        for key in ("pairs_per_batch", "seed"):
+            if saved[key] != getattr(cfg.training, key):
+                raise TrainingDataError(
+                    f"{state.parent} was made with training.{key}={saved[key]}, this config has "
+                    f"{getattr(cfg.training, key)}: the data position of a resumed run would not match; "
+                    f"keep training.{key} or choose another run_name or storage_path")
 
 
 def _start_mlflow_run(cfg: PipelineConfig) -> str:
@@ -147,7 +156,14 @@ def train(cfg: PipelineConfig, threads_per_worker: int | None = None) -> dict[st
             checkpoint_config=CheckpointConfig(num_to_keep=t.num_to_keep),
         ),
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except BaseException:
+        if run_id is not None:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient().set_terminated(run_id, "FAILED")
+        raise
     checkpoint = Path(result.checkpoint.path) if result.checkpoint is not None else None
     if run_id is not None:
         _finish_mlflow_run(run_id, checkpoint)

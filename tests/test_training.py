@@ -7,6 +7,8 @@ Inputs are real: notes of the default dataset, encoded by the real ``PromptBuild
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from notellm.config import PipelineConfig, load_config
 from notellm.modeling import TrainableStateError, build_notellm
@@ -137,6 +142,50 @@ def test_loss_decreases_on_tiny_llama(work):
     assert history[-1]["tau"] != pytest.approx(cfg.model.tau_init, abs=1e-6)  # tau is trained
 
 
+DDP_STEPS = 2
+DDP_OVERRIDES = ("training.pairs_per_batch=8", "lora.dropout=0.0", "training.alpha=1.0")  # CSFT weighs in
+
+
+def _run_steps(folder: Path, rank: int, world: int) -> list[dict[str, float]]:
+    cfg = tiny_cfg(folder, *DDP_OVERRIDES, f"training.num_workers={world}")
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    wrapped = DistributedDataParallel(model) if world > 1 else model
+    plan = BatchPlan(load_training_data(cfg), 8, seed=0)
+    return [train_step(wrapped, plan.local_batch(s, rank, world, model.pad_token_id), optimizer, scheduler, cfg)
+            for s in range(DDP_STEPS)]
+
+
+def _ddp_worker(rank: int, world: int, port: int, folder: str, out_file: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        history = _run_steps(Path(folder), rank, world)
+        if rank == 0:
+            Path(out_file).write_text(json.dumps(history))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_workers_train_step_matches_single_process(work, tmp_path):
+    """The whole step under DDP (global negatives, CSFT global token count, gradient averaging)
+    gives the single-process metrics and gradient norm of the same global batch."""
+    folder, _ = work
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out_file = tmp_path / "rank0.json"
+    mp.spawn(_ddp_worker, args=(2, port, str(folder), str(out_file)), nprocs=2, join=True)
+    ddp = json.loads(out_file.read_text())
+    single = _run_steps(folder, 0, 1)
+    for key in ("loss", "l_cl", "l_gen", "grad_norm", "tokens", "notes", "lr"):
+        assert ddp[0][key] == pytest.approx(single[0][key], rel=1e-4), key
+    for key in ("loss", "l_cl", "l_gen"):  # after one AdamW update
+        assert ddp[1][key] == pytest.approx(single[1][key], rel=1e-3), key
+
+
 def test_checkpoint_round_trip_and_other_base_model(work, tmp_path):
     folder, _ = work
     cfg = tiny_cfg(folder, "training.pairs_per_batch=4", "training.num_workers=1")
@@ -205,6 +254,17 @@ def test_resuming_from_another_base_models_checkpoint_is_refused(work, tmp_path,
     assert rc == 2 and "another base model" in capsys.readouterr().err
 
 
+def test_resuming_with_another_global_batch_size_is_refused(work, tmp_path, capsys):
+    folder, _ = work
+    cfg = tiny_cfg(folder, f"training.storage_path={tmp_path}", "training.run_name=r")
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    optimizer, scheduler = build_optimizer(model, cfg)
+    save_checkpoint(tmp_path / "r" / "checkpoint_0", model, optimizer, scheduler, 2, cfg)
+    rc = train_stage.main(["--config", str(REPO_ROOT / "configs/tiny.yaml"), f"data.work_dir={folder}",
+                           f"training.storage_path={tmp_path}", "training.run_name=r", "training.pairs_per_batch=8"])
+    assert rc == 2 and "training.pairs_per_batch=4" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------------------------ Ray Train
 
 
@@ -217,6 +277,7 @@ def ray_client(services):
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_torch_trainer_two_workers_checkpoints_and_resumes(work, ray_client, tmp_path):
     from mlflow.tracking import MlflowClient
 

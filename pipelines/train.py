@@ -27,7 +27,6 @@ is printed (``MLflow run <id> at <uri>``) and returned by ``train``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from notellm.config import ConfigError, PipelineConfig, load_config
+from notellm.config import PipelineConfig
+from notellm.stage_cli import run_stage
 from notellm.modeling import TrainableStateError, base_model_fingerprint
 from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import PromptError, add_emb_token
@@ -259,21 +259,17 @@ def train_loop(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------ CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", type=Path, required=True, help="pipeline YAML config")
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = train(cfg)
-    except (ConfigError, TrainingDataError, ModelResolutionError, PromptError, TrainableStateError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def _run_and_report(cfg: PipelineConfig, _config_path: str) -> dict:
+    result = train(cfg)
     if result["mlflow_run_id"]:
         print(f"MLflow run {result['mlflow_run_id']} at {os.environ['MLFLOW_TRACKING_URI']}")
     print(json.dumps({"step": result["step"], "checkpoint": str(result["checkpoint"])}))
-    return 0
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("pipelines.train", __doc__, _run_and_report, None,
+                     (TrainingDataError, ModelResolutionError, PromptError, TrainableStateError), argv)
 
 
 if __name__ == "__main__":

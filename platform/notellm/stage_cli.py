@@ -3,7 +3,7 @@
 A stage supplies two functions: ``run(cfg, config_path) -> result`` does the work and prints its
 summary; ``log(cfg, result) -> run_id`` logs the result to MLflow, called only when
 ``MLFLOW_TRACKING_URI`` is set (as ``scripts/run_demo.sh`` and ``ray job submit
---runtime-env-json`` set it). Expected input problems (``ConfigError`` plus the stage's own error
+--runtime-env-json`` set it); a stage that logs while it runs (training) passes ``log=None``. Expected input problems (``ConfigError`` plus the stage's own error
 types) print ``error: <message>`` and exit 2; anything else is a bug and raises.
 """
 
@@ -26,7 +26,7 @@ def run_stage(
     module: str,
     doc: str | None,
     run: Callable[[PipelineConfig, str], Result],
-    log: Callable[[PipelineConfig, Result], str],
+    log: Callable[[PipelineConfig, Result], str] | None,
     errors: tuple[type[Exception], ...],
     argv: list[str] | None = None,
 ) -> int:
@@ -41,7 +41,7 @@ def run_stage(
     except (ConfigError, *errors) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if log is not None and os.environ.get("MLFLOW_TRACKING_URI"):
         run_id = log(cfg, result)
         print(f"MLflow run {run_id} at {os.environ['MLFLOW_TRACKING_URI']}")
     return EXIT_OK

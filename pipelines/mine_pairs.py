@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -74,7 +73,7 @@ from notellm.split import (
     pairs_per_category,
     split_behaviors,
 )
-from notellm.stage_cli import run_stage
+from notellm.stage_cli import ray_init, run_stage
 
 # Hash partitions per shuffle: at least one per cluster CPU, and about this many events each.
 EVENTS_PER_PARTITION = 1_000_000
@@ -127,14 +126,6 @@ def to_arrow(frame: pd.DataFrame, schema: pa.Schema) -> pa.Table:
 
 
 # ------------------------------------------------------------------------------------ Ray
-
-
-def ray_init() -> None:
-    """Connect to ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray; idempotent."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
 
 
 def mine_parts_ray(parts: dict[str, tuple[pd.DataFrame, MiningConfig]]) -> dict[str, tuple[pa.Table, MiningStats]]:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from notellm.config import PipelineConfig
-from notellm.stage_cli import run_stage
+from notellm.stage_cli import ray_init, run_stage
 from notellm.modeling import TrainableStateError, base_model_fingerprint
 from notellm.models import ModelResolutionError, load_tokenizer
 from notellm.prompts import PromptError, add_emb_token
@@ -132,7 +132,6 @@ def _finish_mlflow_run(run_id: str, checkpoint_dir: Path | None) -> None:
 
 def train(cfg: PipelineConfig, threads_per_worker: int | None = None) -> dict[str, Any]:
     """Validate, run the TorchTrainer, return ``{"step", "metrics", "checkpoint", "mlflow_run_id"}``."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -141,8 +140,7 @@ def train(cfg: PipelineConfig, threads_per_worker: int | None = None) -> dict[st
     print(f"training on {counts['pairs']} pairs over {counts['notes']} notes: {t.max_steps} steps of "
           f"{t.pairs_per_batch} pairs on {t.num_workers} workers ({counts['steps_per_epoch']} steps/epoch)")
     run_id = _start_mlflow_run(cfg) if os.environ.get("MLFLOW_TRACKING_URI") else None
-    if not ray.is_initialized():
-        ray.init()  # RAY_ADDRESS under `ray job submit`, else a local cluster
+    ray_init()
     loop_config = {"cfg": cfg.model_dump(mode="json"), "mlflow_run_id": run_id,
                    "mlflow_uri": os.environ.get("MLFLOW_TRACKING_URI"), "threads": threads_per_worker}
     trainer = TorchTrainer(
@@ -186,7 +184,6 @@ def train_loop(config: dict[str, Any]) -> None:
     from notellm.training import (
         BatchPlan,
         build_optimizer,
-        load_checkpoint,
         rank_seed,
         save_checkpoint,
         seed_everything,
@@ -206,13 +203,9 @@ def train_loop(config: dict[str, Any]) -> None:
     data = load_training_data(cfg)
     check_training_inputs(data, cfg, model.emb_token_id)
     optimizer, scheduler = build_optimizer(model, cfg)
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start = int(load_checkpoint(folder, model, optimizer, scheduler)["step"])
-        if rank == 0:
-            print(f"resumed from checkpoint at step {start}")
+    start = resume(model, optimizer, scheduler, cfg)
+    if rank == 0 and start:
+        print(f"resumed from checkpoint at step {start}")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     plan = BatchPlan(data, t.pairs_per_batch, t.seed)
 
@@ -250,10 +243,39 @@ def train_loop(config: dict[str, Any]) -> None:
                       **{k: metrics[k] for k in ("loss", "l_cl", "l_gen", "tau", "lr")}}
             if rank == 0:
                 with tempfile.TemporaryDirectory() as tmp:
-                    save_checkpoint(tmp, model, optimizer, scheduler, done, cfg)
+                    save_checkpoint(tmp, model, optimizer, scheduler, done, cfg, config.get("mlflow_run_id"))
                     ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
             else:
                 ray.train.report(report)
+
+
+def resume(model, optimizer, scheduler, cfg: PipelineConfig) -> int:
+    """Load the newest complete checkpoint of this run (Ray Train's, or a newer one found in the run
+    folder: ``notellm.training.resume_candidates``) into model, optimizer and scheduler; returns its
+    step (0 when there is none). Every rank must pick the same step: checked with an all-reduce."""
+    import contextlib
+
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from notellm.training import load_checkpoint, resume_candidates
+
+    start = 0
+    run_dir = cfg.resolve_path(cfg.training.storage_path) / cfg.training.run_name
+    with contextlib.ExitStack() as stack:
+        checkpoint = ray.train.get_checkpoint()
+        handed = stack.enter_context(checkpoint.as_directory()) if checkpoint is not None else None
+        candidates = resume_candidates(handed, run_dir=run_dir)
+        if candidates:
+            start = int(load_checkpoint(candidates[0][1], model, optimizer, scheduler)["step"])
+    if dist.is_initialized():
+        steps = torch.tensor([start, -start], device=model.tau.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if int(steps[0]) != start or -int(steps[1]) != start:
+            raise RuntimeError(f"ranks resumed from different steps (max {int(steps[0])}, min "
+                               f"{-int(steps[1])}): the run folder {run_dir} changed during start-up")
+    return start
 
 
 # ------------------------------------------------------------------------------------ CLI

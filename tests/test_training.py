@@ -34,6 +34,7 @@ from notellm.training import (
     collate,
     load_checkpoint,
     load_training_data,
+    resume_candidates,
     save_checkpoint,
     seed_everything,
     train_step,
@@ -209,6 +210,16 @@ def test_checkpoint_round_trip_and_other_base_model(work, tmp_path):
     with pytest.raises(TrainableStateError, match="base model"):
         load_checkpoint(tmp_path / "ckpt", other)
 
+    # resume picks the newest COMPLETE folder: one still being copied (no optimizer file) is skipped
+    run = tmp_path / "run"
+    for step in (2, 4, 6):
+        save_checkpoint(run / f"checkpoint_{step}", model, optimizer, scheduler, step, cfg)
+    (run / "checkpoint_6" / "optimizer.pt").unlink()
+    assert [s for s, _ in resume_candidates(run_dir=run)] == [4, 2]
+    with_handed = resume_candidates(tmp_path / "ckpt", run_dir=run)
+    assert len(with_handed) == 3 and (2, (tmp_path / "ckpt").resolve()) in with_handed
+    assert resume_candidates(run_dir=tmp_path / "missing") == []
+
 
 # ------------------------------------------------------------------------------------ bad inputs
 
@@ -307,3 +318,83 @@ def test_torch_trainer_two_workers_checkpoints_and_resumes(work, ray_client, tmp
         a.path for a in client.list_artifacts(run_id, "plots")}
     assert {"model/trainable_state.safetensors", "plots/loss_curve.png"} <= artefacts
     assert client.get_run(run_id).data.params["training.max_steps"] == "6"
+
+
+def _train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train worker actors on the session's cluster."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+    return [a.pid for a in actors if "TrainWorker" in (a.class_name or "") and a.pid]
+
+
+def _checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoint_*/train_state.json"))
+
+
+@pytest.mark.slow
+def test_killed_worker_restarts_the_group_from_the_last_checkpoint(work, ray_client, tmp_path):
+    """SIGKILL one real worker process mid-run: Ray Train (FailureConfig) restarts the worker group
+    and training continues from the last checkpoint's step, not from 0, to the last step."""
+    import signal
+    import threading
+    import time
+
+    folder, _ = work
+    storage = tmp_path / "ray_results"
+    cfg = tiny_cfg(folder, "training.num_workers=2", "training.pairs_per_batch=4", "training.max_steps=150",
+                   "training.checkpoint_every=5", "training.max_failures=1", "training.log_every=50",
+                   f"training.storage_path={storage}", "training.run_name=killed")
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = train_stage.train(cfg, threads_per_worker=1)
+        except BaseException as exc:  # reported by the assertions below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not _checkpoint_steps(storage / "killed") and thread.is_alive():
+        time.sleep(0.2)
+    before_kill = _checkpoint_steps(storage / "killed")
+    assert before_kill and thread.is_alive(), f"no checkpoint while training ran: {outcome}"
+    victims = _train_worker_pids()
+    assert len(victims) == 2, victims
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=900)
+    assert "error" not in outcome, outcome.get("error")
+    result = outcome["result"]
+    resumed_at = result["metrics"]["start_step"]
+    assert resumed_at > 0 and resumed_at % 5 == 0 and resumed_at >= before_kill[-1], (resumed_at, before_kill)
+    assert resumed_at < 150 and result["step"] == 150
+
+
+@pytest.mark.slow
+def test_smollm2_short_run_through_ray_job_submit(submit_stage, services, tmp_path):
+    """The real default model (SmolLM2-135M + LoRA, bf16 autocast) for 3 steps on 2 workers,
+    submitted with `ray job submit` to the local cluster; MLflow gets per-step metrics and the
+    adapter-sized trainable state."""
+    import re
+
+    from mlflow.tracking import MlflowClient
+    from safetensors import safe_open
+
+    work = tmp_path / "work"
+    make_inputs(work, model="smollm2-135m")
+    proc = submit_stage("pipelines.train", work, "training.max_steps=3", "training.checkpoint_every=3",
+                        f"training.storage_path={tmp_path / 'runs'}", "training.run_name=smol")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "step 3/3" in out and "done: step 3" in out
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)
+    client = MlflowClient(services.mlflow_url)
+    assert [m.step for m in client.get_metric_history(run_id, "l_cl")] == [1, 2, 3]
+    (ckpt,) = (tmp_path / "runs" / "smol").glob("checkpoint_*")
+    state = ckpt / TRAINABLE_STATE_FILE
+    assert state.stat().st_size < 30e6  # adapter + [EMB] row + head, not the 135M-parameter base (~270 MB)
+    with safe_open(str(state), framework="pt") as fh:
+        names = list(fh.keys())
+    assert any("lora_A" in n for n in names) and any("proj" in n for n in names)
+    assert client.get_run(run_id).info.status == "FINISHED"

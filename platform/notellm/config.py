@@ -154,9 +154,19 @@ class TrainingConfig(_Section):
 
 
 class EmbeddingConfig(_Section):
-    batch_size: int = Field(32, gt=0)
+    """Batch embedding (``pipelines.embed``): which encoder, which notes, the actor pool."""
+
+    method: Literal["notellm", "llm-mean", "llm-last", "prompteol", "minilm", "minilm-ft"] = "notellm"
+    notes: Literal["all", "test_pool"] = "all"
+    checkpoint: Path | None = Field(
+        None, description="notellm: training checkpoint folder (default: newest of training.run_name); "
+        "minilm-ft: the fine-tuned folder")
+    batch_size: int = Field(32, gt=0, description="notes per forward pass")
+    window_batches: int = Field(8, gt=0, description="forward batches per actor call, sorted by length")
     num_actors: int = Field(1, gt=0)
+    cpus_per_actor: int = Field(1, gt=0, description="CPUs (and torch threads) per actor")
     use_gpu: bool = False
+    rows_per_file: int = Field(100_000, gt=0, description="rows per output Parquet file")
 
 
 class IndexConfig(_Section):

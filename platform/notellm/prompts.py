@@ -162,6 +162,12 @@ GUIDANCE_CATEGORY = "The category is:"
 GUIDANCE_HASHTAG = "The {j} topics are:"
 HASHTAG_SEPARATOR = ", "
 
+# --- baselines (method.md "Baselines named above") ---------------------------------------------
+PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
+"""PromptEOL: the note's plain text in the one-word prompt; the last token's hidden state is pooled."""
+PLAIN_TEXT_SEPARATOR = " | "
+"""Joins title, hashtags and content in the plain (prompt-free) note text of the baselines."""
+
 
 class PromptError(ValueError):
     """A note cannot be rendered or encoded; the message names the note and the reason."""
@@ -388,6 +394,28 @@ class PromptBuilder:
             )
             for note, (title, t_cut), (content, c_cut) in zip(notes, titles, contents)
         ]
+
+    def plain_texts(self, notes: Sequence[Mapping[str, Any]]) -> list[str]:
+        """Prompt-free text of each note for the baselines (zero-shot LLM, PromptEOL, MiniLM, BM25):
+        the title, the hashtags joined with ``", "`` and the content, each normalised like the
+        prompt fields but not quote-escaped, title and content cut to the same token budgets, the
+        non-empty parts joined with ``PLAIN_TEXT_SEPARATOR``. Same information as the NoteLLM
+        prompt, without the instruction."""
+        def cut(key: str, budget: int) -> list[str]:
+            texts = [normalize_text(n.get(key), self.forbidden) for n in notes]
+            return [t for t, _ in self.truncate_many(texts, budget)]
+
+        titles = cut("title", self.cfg.title_max_tokens)
+        contents = cut("content", self.cfg.content_max_tokens)
+        out = []
+        for note, title, content in zip(notes, titles, contents):
+            tags = HASHTAG_SEPARATOR.join(normalize_hashtags(note.get("hashtags"), self.forbidden))
+            out.append(PLAIN_TEXT_SEPARATOR.join(part for part in (title, tags, content) if part))
+        return out
+
+    def prompteol_texts(self, notes: Sequence[Mapping[str, Any]]) -> list[str]:
+        """``PROMPTEOL_TEMPLATE`` around each note's ``plain_texts``."""
+        return [PROMPTEOL_TEMPLATE.format(text=t) for t in self.plain_texts(notes)]
 
     # ------------------------------------------------------------------ rendering
 

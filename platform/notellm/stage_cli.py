@@ -45,3 +45,11 @@ def run_stage(
         run_id = log(cfg, result)
         print(f"MLflow run {run_id} at {os.environ['MLFLOW_TRACKING_URI']}")
     return EXIT_OK
+
+
+def ray_init() -> None:
+    """Connect to ``RAY_ADDRESS`` (as under ``ray job submit``) or start a local Ray; idempotent."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"))

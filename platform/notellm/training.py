@@ -53,6 +53,7 @@ TRAINABLE_STATE_FILE = "trainable_state.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 TRAIN_STATE_FILE = "train_state.json"
 CONFIG_FILE = "config.json"
+CHECKPOINT_FILES = (TRAINABLE_STATE_FILE, OPTIMIZER_FILE, TRAIN_STATE_FILE, CONFIG_FILE)
 
 PAIR_COLUMNS = ["note_id", "related_note_id"]
 PROMPT_COLUMNS = ["note_id", "input_ids", "labels", "length", "emb_pos"]
@@ -279,10 +280,11 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: torc
 
 
 def save_checkpoint(directory: str | os.PathLike, model: NoteLLM, optimizer: torch.optim.Optimizer,
-                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, cfg: PipelineConfig) -> Path:
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, step: int, cfg: PipelineConfig,
+                    mlflow_run_id: str | None = None) -> Path:
     """Write a resumable checkpoint folder: the trainable state (safetensors), optimizer + scheduler
     state (``torch.save``, loaded with ``weights_only=True``), ``train_state.json`` (global step =
-    data position, pairs seen) and the resolved config."""
+    data position, pairs seen, the MLflow training run when there is one) and the resolved config."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model.save_trainable_state(directory / TRAINABLE_STATE_FILE, {"step": str(step)})
@@ -290,7 +292,7 @@ def save_checkpoint(directory: str | os.PathLike, model: NoteLLM, optimizer: tor
                directory / OPTIMIZER_FILE)
     state = {"step": step, "pairs_seen": step * cfg.training.pairs_per_batch,
              "pairs_per_batch": cfg.training.pairs_per_batch, "seed": cfg.training.seed,
-             "world_size": get_world_size()}
+             "world_size": get_world_size(), "mlflow_run_id": mlflow_run_id}
     (directory / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     (directory / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n",
                                          encoding="utf-8")
@@ -310,6 +312,50 @@ def load_checkpoint(directory: str | os.PathLike, model: NoteLLM, optimizer: tor
         if scheduler is not None:
             scheduler.load_state_dict(states["scheduler"])
     return json.loads((directory / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
+
+
+def checkpoint_step(directory: str | os.PathLike) -> int | None:
+    """The step of a complete ``save_checkpoint`` folder (every file of ``CHECKPOINT_FILES`` present
+    and ``train_state.json`` readable), else None (a folder still being copied, or another kind)."""
+    directory = Path(directory)
+    if not all((directory / name).is_file() for name in CHECKPOINT_FILES):
+        return None
+    try:
+        return int(json.loads((directory / TRAIN_STATE_FILE).read_text(encoding="utf-8"))["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def resume_candidates(*folders: str | os.PathLike | None, run_dir: str | os.PathLike | None = None
+                      ) -> list[tuple[int, Path]]:
+    """Complete checkpoint folders to resume from, highest step first: the given ``folders`` (e.g.
+    the one Ray Train hands over) plus every ``checkpoint_*`` under ``run_dir``.
+
+    Why both: Ray Train registers a reported checkpoint only when its controller next polls the
+    workers; a worker killed between the upload and that poll leaves a complete folder on storage
+    that ``ray.train.get_checkpoint()`` does not return after the restart (measured: a SIGKILL right
+    after the step-5 checkpoint restarted the run at step 0). Scanning the run folder recovers it."""
+    found: dict[Path, int] = {}
+    paths = [Path(f) for f in folders if f is not None]
+    if run_dir is not None and Path(run_dir).is_dir():
+        paths += sorted(Path(run_dir).glob("checkpoint_*"))
+    for folder in paths:
+        step = checkpoint_step(folder)
+        if step is not None:
+            found[folder.resolve()] = step
+    return sorted(((step, folder) for folder, step in found.items()), key=lambda sf: (-sf[0], str(sf[1])))
+
+
+def newest_checkpoint(cfg: PipelineConfig, run_name: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The newest complete checkpoint of ``<training.storage_path>/<run_name>`` (default
+    ``training.run_name``) and its ``train_state.json``; ``TrainingDataError`` when there is none."""
+    run_dir = cfg.resolve_path(cfg.training.storage_path) / (run_name or cfg.training.run_name)
+    candidates = resume_candidates(run_dir=run_dir)
+    if not candidates:
+        raise TrainingDataError(f"no complete checkpoint under {run_dir}: run pipelines.train with "
+                                f"training.run_name={run_name or cfg.training.run_name} first")
+    folder = candidates[0][1]
+    return folder, json.loads((folder / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
 
 
 def seed_everything(seed: int) -> None:

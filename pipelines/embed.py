@@ -185,9 +185,11 @@ def _finished(out_dir: Path, info: EncoderInfo) -> set[str]:
 
 
 def embed(cfg: PipelineConfig, notes: pa.Table | None = None, method: str | None = None,
-          out_dir: Path | None = None) -> dict[str, Any]:
-    """Embed ``notes`` (default ``select_notes(cfg)``) with ``method`` into ``out_dir``; returns
-    the summary written to ``encoder.json``."""
+          out_dir: Path | None = None, source: tuple[str | None, str | None] | None = None) -> dict[str, Any]:
+    """Embed ``notes`` (default ``select_notes(cfg)``) with ``method`` (default
+    ``embedding.method``) into ``out_dir`` (default ``embeddings_dir``); ``source`` = (checkpoint
+    folder, MLflow run id) overrides ``encoder_source``. Returns the summary written to
+    ``encoder.json``."""
     import ray
 
     started = time.perf_counter()
@@ -196,7 +198,7 @@ def embed(cfg: PipelineConfig, notes: pa.Table | None = None, method: str | None
     notes = select_notes(cfg) if notes is None else notes
     if notes.num_rows == 0:
         raise EmbeddingError("no notes to embed")
-    checkpoint, run_id = encoder_source(cfg, method)
+    checkpoint, run_id = source if source is not None else encoder_source(cfg, method)
     probe = load_encoder(cfg, method, checkpoint, run_id=run_id)  # fails here, not in every actor
     info = probe.info
     del probe
@@ -211,8 +213,10 @@ def embed(cfg: PipelineConfig, notes: pa.Table | None = None, method: str | None
     if todo.num_rows:
         ray_init()
         rows_per_file = cfg.embedding.rows_per_file
-        blocks = max(1, min(todo.num_rows // (cfg.embedding.batch_size * cfg.embedding.window_batches), 64))
-        ds = embed_dataset(ray.data.from_arrow(todo).repartition(blocks), cfg, method, checkpoint, run_id)
+        # Blocks made here, on the driver: no Ray task has to wait for a CPU the actors hold.
+        step = cfg.embedding.batch_size * cfg.embedding.window_batches
+        blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
+        ds = embed_dataset(ray.data.from_arrow(blocks), cfg, method, checkpoint, run_id)
         buffer: list[pa.Table] = []
         buffered = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

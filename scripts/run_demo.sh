@@ -11,13 +11,23 @@ service_env=$(python -m notellm.cli services start --config "$CONFIG" --print-en
 eval "$service_env"
 echo "[demo] Ray dashboard: $RAY_API_SERVER_ADDRESS   MLflow: $MLFLOW_TRACKING_URI"
 
-submit() {
-    echo "[demo] ray job submit -- python -m pipelines.$1 --config $CONFIG"
+started=$SECONDS
+submit() {  # submit <stage> [key=value ...]
+    local stage=$1
+    shift
+    echo "[demo] $(date -u +%H:%M:%S) ray job submit -- python -m pipelines.$stage --config $CONFIG $*"
     ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
         --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"$MLFLOW_TRACKING_URI\"}}" \
-        -- python -m "pipelines.$1" --config "$CONFIG"
+        -- python -m "pipelines.$stage" --config "$CONFIG" "$@"
 }
+run_name=$(python -c "from notellm.config import load_config; c = load_config('$CONFIG'); print(c.training.run_name + c.evaluation.ablation_suffix)")
 
 submit ingest
 submit mine_pairs
 submit build_prompts
+submit train
+submit train training.alpha=0 "training.run_name=$run_name"   # the w/o-CSFT ablation
+submit embed
+submit build_index
+submit evaluate
+echo "[demo] main job done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s (the table above is also in <data.work_dir>/eval/comparison.md and in MLflow)"

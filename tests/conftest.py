@@ -46,6 +46,12 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceInfo]:
     try:
         yield info
     finally:
+        import ray
+
+        # A driver still connected when its GCS goes away is ended by Ray (os._exit): pytest would
+        # die before reporting. Pipelines called in-process connect with ray_init() and stay so.
+        if ray.is_initialized():
+            ray.shutdown()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

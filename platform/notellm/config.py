@@ -170,17 +170,41 @@ class EmbeddingConfig(_Section):
 
 
 class IndexConfig(_Section):
+    """faiss index of ``pipelines.build_index`` (``notellm.index``)."""
+
+    mode: Literal["update", "rebuild"] = Field(
+        "update", description="update: build when there is no index, else add the notes it lacks; "
+        "rebuild: re-choose, re-train and re-tune from all embeddings")
     kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     exact_max_notes: int = Field(100_000, gt=0, description="auto: exact search up to this N")
     target_recall_at_100: float = Field(0.95, gt=0, le=1)
 
 
+EvalMethod = Literal["notellm", "notellm-wo-csft", "llm-mean", "llm-last", "prompteol", "minilm",
+                     "minilm-ft", "bm25", "random"]
+
+
 class EvaluationConfig(_Section):
+    """The comparison of ``pipelines.evaluate`` (method.md section 5)."""
+
+    methods: list[EvalMethod] = Field(
+        default_factory=lambda: ["notellm", "notellm-wo-csft", "llm-mean", "prompteol", "minilm", "minilm-ft",
+                                 "bm25", "random"])
+    ablation_suffix: str = Field("-wo-csft", description="run name of the w/o-CSFT ablation = "
+                                 "training.run_name + this (trained with training.alpha=0)")
     ks: list[int] = Field(default_factory=lambda: [1, 10, 100])
     pool_fractions: list[float] = Field(
         default_factory=lambda: [100 / 257_937, 1_000 / 257_937, 10_000 / 257_937, 100_000 / 257_937]
     )
-    max_generation_notes: int = Field(200, gt=0)
+    max_generation_notes: int = Field(200, ge=0, description="pool notes for category/hashtag generation")
+    generation_batch_size: int = Field(16, gt=0)
+    category_max_new_tokens: int = Field(8, gt=0)
+    hashtag_max_new_tokens: int = Field(24, gt=0)
+    minilm_ft_batch_size: int = Field(32, gt=1)
+    minilm_ft_steps: int | None = Field(
+        None, gt=0, description="default: as many pairs as NoteLLM training sees (max_steps x pairs_per_batch)")
+    minilm_ft_lr: float = Field(2e-5, gt=0)
+    minilm_ft_max_seq_length: int = Field(128, gt=0)
 
 
 class RegistryConfig(_Section):

@@ -228,7 +228,7 @@ def generation_metrics(cfg: PipelineConfig, checkpoint: str, data: EvalData) -> 
     """Category Acc./Ill. and hashtag BLEU-4/ROUGE of the NoteLLM checkpoint (greedy decoding) on
     the first ``evaluation.max_generation_notes`` pool notes by note id (hashtags: those of them
     that have hashtags; gold = all the note's normalised hashtags)."""
-    from notellm.encoders import NoteLLMEncoder
+    from notellm.encoders import NoteLLMEncoder, autocast
     from notellm.prompts import normalize_hashtags, parse_output
 
     e = cfg.evaluation
@@ -243,7 +243,8 @@ def generation_metrics(cfg: PipelineConfig, checkpoint: str, data: EvalData) -> 
         for start in range(0, len(batch_notes), e.generation_batch_size):
             chunk = batch_notes[start : start + e.generation_batch_size]
             prompts = builder.encode_many(chunk, "generate", task)
-            texts = model.generate([p.input_ids for p in prompts], max_new)
+            with autocast(model.tau.device, cfg.embedding.bf16):
+                texts = model.generate([p.input_ids for p in prompts], max_new)
             out += [parse_output(t, task) for t in texts]
         return out
 

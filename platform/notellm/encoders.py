@@ -98,6 +98,11 @@ class NoteEncoder(Protocol):
     def embed(self, items: Sequence[TokenizedNote]) -> np.ndarray: ...
 
 
+def autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    """bf16 autocast on ``device`` when ``enabled`` (``embedding.bf16``); pooling stays float32."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
+
+
 def file_digest(path: Path) -> str:
     """``sha256:<first 16 hex>`` of a file (weights identity in ``EncoderInfo.version``)."""
     h = hashlib.sha256()
@@ -128,6 +133,7 @@ class NoteLLMEncoder:
         self.model.load_trainable_state(state)
         self.model.merge_adapters()
         self.builder = PromptBuilder(tokenizer, cfg.prompts)
+        self.bf16 = cfg.embedding.bf16
         self.info = EncoderInfo(method, cfg.model.name, cfg.model.emb_dim, file_digest(state), run_id,
                                 str(Path(checkpoint)))
 
@@ -138,8 +144,9 @@ class NoteLLMEncoder:
     def embed(self, items: Sequence[TokenizedNote]) -> np.ndarray:
         batch = pad_sequences([i.input_ids for i in items], self.model.pad_token_id, "right",
                               emb_pos=[i.pool_pos for i in items])
-        vectors = self.model.encode(batch["input_ids"], batch["lengths"], batch["emb_pos"])
-        return vectors.cpu().numpy().astype(np.float32, copy=False)
+        with autocast(self.model.tau.device, self.bf16):
+            vectors = self.model.encode(batch["input_ids"], batch["lengths"], batch["emb_pos"])
+        return vectors.float().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +176,7 @@ class CausalLMEncoder:
         self.builder = PromptBuilder(load_tokenizer(cfg.model.name, fresh=True), cfg.prompts)
         tokenizer = self.builder.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.bf16 = cfg.embedding.bf16
         self.info = EncoderInfo(method, cfg.model.name, int(self.lm.config.hidden_size),
                                 base_model_fingerprint(cfg.model.name))
 
@@ -184,8 +192,9 @@ class CausalLMEncoder:
         device = self.lm.device
         input_ids, lengths = batch["input_ids"].to(device), batch["lengths"].to(device)
         mask = attention_mask_from_lengths(lengths, input_ids.shape[1], "right")
-        hidden = self.lm.model(input_ids=input_ids, attention_mask=mask,
-                               position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
+        with autocast(device, self.bf16):
+            hidden = self.lm.model(input_ids=input_ids, attention_mask=mask,
+                                   position_ids=position_ids_from_mask(mask), use_cache=False).last_hidden_state
         pool_pos = torch.as_tensor([i.pool_pos for i in items], device=device)
         return pool_hidden(hidden, lengths, pool_pos).cpu().numpy()
 

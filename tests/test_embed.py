@@ -60,6 +60,16 @@ def test_vectors_do_not_depend_on_batch_order_or_length_sorting(method, checkpoi
     assert len(set(lengths)) > 1  # padding really happens in mixed batches
 
 
+@pytest.mark.parametrize("method", ["notellm", "llm-mean"])
+def test_bf16_autocast_vectors_are_unit_norm_float32_and_close_to_fp32(method, checkpoint, notes, tmp_path):
+    fp32 = embed_notes(load_encoder(tiny_cfg(tmp_path), method, checkpoint), notes[:16], batch_size=8)
+    bf16 = embed_notes(load_encoder(tiny_cfg(tmp_path, "embedding.bf16=true"), method, checkpoint),
+                       notes[:16], batch_size=8)
+    assert bf16.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert np.min(np.sum(bf16 * fp32, axis=1)) > 0.99  # the same direction up to bf16 rounding
+
+
 def test_encoder_errors_are_clear(tmp_path):
     cfg = tiny_cfg(tmp_path)
     with pytest.raises(EncoderError, match="trainable_state.safetensors does not exist"):

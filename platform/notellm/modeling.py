@@ -241,10 +241,12 @@ class NoteLLM(nn.Module):
 
     def pool(self, hidden: torch.Tensor, emb_pos: torch.Tensor) -> torch.Tensor:
         """[B, T, H] hidden states, [B] pooled positions -> [B, d] float32 L2-normalised
-        embeddings (``proj`` of the hidden state at ``emb_pos``)."""
+        embeddings (``proj`` of the hidden state at ``emb_pos``). The projection runs in float32
+        also under autocast: a bf16 ``proj`` output is normalised only to ~1e-2."""
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         pooled = hidden[rows, emb_pos.to(hidden.device)].to(torch.float32)
-        return F.normalize(self.proj(pooled), dim=-1)
+        with torch.autocast(hidden.device.type, enabled=False):
+            return F.normalize(self.proj(pooled), dim=-1)
 
     def encode(
         self,

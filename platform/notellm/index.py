@@ -65,6 +65,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from notellm.config import IndexConfig
+from notellm.io_utils import fsync_dir
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "ids.parquet"
@@ -554,11 +555,7 @@ class NoteIndex:
                     os.replace(old, target)
                     old = None
                 raise
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(target.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -15,6 +15,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+def fsync_dir(folder: str | Path) -> None:
+    """fsync a directory, so a rename inside it survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is renamed onto ``target``."""

@@ -68,6 +68,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from notellm.io_utils import fsync_dir
+
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["gguf-package", "sentence-transformers-package", "random-llama", "hf-dir"]
@@ -442,11 +444,7 @@ def converted_gguf_dir(spec: ModelSpec, root: Path | None = None) -> Path:
                 raise ModelResolutionError(f"converting {spec.name} wrote an incomplete folder {tmp}")
             _finish_tree(tmp)
             os.rename(tmp, final)
-            dir_fd = os.open(root, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            fsync_dir(root)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

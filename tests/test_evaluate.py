@@ -1,0 +1,62 @@
+"""End to end on the tiny model: ingest → mine → prompts → train (in process, on the session's Ray
+cluster), then embed → build_index → evaluate submitted with `ray job submit`, logging to MLflow."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from notellm.config import load_config
+from notellm.index import ModelInfo, NoteIndex
+from pipelines import build_prompts, ingest, mine_pairs
+from pipelines import train as train_stage
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["notellm", "llm-mean", "minilm", "bm25", "random"]
+
+
+@pytest.mark.slow
+def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    work = tmp_path / "work"
+    common = [f"data.work_dir={work}", f"training.storage_path={tmp_path / 'runs'}"]
+    config = str(REPO_ROOT / "configs/tiny.yaml")
+    for stage in (ingest, mine_pairs, build_prompts):
+        assert stage.main(["--config", config, *common]) == 0
+    cfg = load_config(config, [*common, "training.max_steps=4", "training.num_workers=1"])
+    assert train_stage.train(cfg, threads_per_worker=1)["step"] == 4
+
+    out = {}
+    for module, extra in (("pipelines.embed", []), ("pipelines.build_index", []),
+                          ("pipelines.evaluate", [f"evaluation.methods=[{','.join(METHODS)}]",
+                                                  "evaluation.max_generation_notes=8"])):
+        proc = submit_stage(module, work, *common[1:], *extra, config="configs/tiny.yaml")
+        out[module] = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[module][-3000:]
+
+    encoder = json.loads((work / "embeddings/notellm/encoder.json").read_text())
+    notes = encoder["notes"]
+    assert notes == 3873 and encoder["dim"] == 32 and encoder["encoder"]["checkpoint"].startswith(str(tmp_path))
+    index = NoteIndex.load(work / "index/notellm", ModelInfo.from_encoder(encoder["encoder"]))
+    assert len(index) == notes and index.metadata.factory == "Flat" and index.metadata.recall_at_100 == 1.0
+
+    summary = json.loads((work / "eval/comparison.json").read_text())
+    results = {m["method"]: m["metrics"] for m in summary["methods"]}
+    assert list(results) == METHODS and summary["pool_size"] > 100
+    for metrics in results.values():
+        assert 0 <= metrics["recall_at_1"] <= metrics["recall_at_10"] <= metrics["recall_at_100"] <= 1
+    expected_random = 100 / (summary["pool_size"] - 1)  # R@100 of a random ranking of the pool minus the query
+    assert abs(results["random"]["recall_at_100"] - expected_random) < 0.05
+    assert results["minilm"]["recall_at_10"] > results["random"]["recall_at_10"] + 0.05  # real signal
+    assert {"category_acc", "category_ill", "bleu4", "rougeL"} <= set(results["notellm"])
+    assert "| notellm |" in (work / "eval/comparison.md").read_text()
+
+    run_id = re.search(r"MLflow run ([0-9a-f]{32})", out["pipelines.evaluate"]).group(1)
+    client = MlflowClient(services.mlflow_url)
+    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
+        "evaluation/comparison.md", "evaluation/recall_at_k.png"}
+    assert client.get_run(run_id).data.metrics["minilm.recall_at_10"] == pytest.approx(results["minilm"]["recall_at_10"])

@@ -109,12 +109,21 @@ def test_embed_stage_restarts_from_finished_files_and_drops_another_models(servi
     notes = pq.read_table(NOTES).slice(0, 40)
     pq.write_table(notes, tmp_path / "ingested" / "notes.parquet")
     cfg = tiny_cfg(tmp_path, f"embedding.checkpoint={checkpoint}", "embedding.rows_per_file=16")
+    try:
+        _restart_checks(cfg)
+    finally:
+        import ray
+
+        ray.shutdown()  # embed() connected this process (ray_init); later tests call ray.init
+
+
+def _restart_checks(cfg: PipelineConfig) -> None:
     first = embed_stage.embed(cfg)
     out = embed_stage.embeddings_dir(cfg)
     parts = sorted(out.glob("part-*.parquet"))
     assert first["notes"] == 40 and [pq.ParquetFile(p).metadata.num_rows for p in parts] == [16, 16, 8]
     before, meta = embed_stage.read_embeddings(out)
-    assert meta["encoder"]["checkpoint"] == str(checkpoint) and meta["dim"] == 32 and meta["normalized"]
+    assert meta["encoder"]["checkpoint"] == str(cfg.embedding.checkpoint) and meta["dim"] == 32 and meta["normalized"]
 
     # a crash after two files: the last part and encoder.json are missing; the rerun embeds only 8 notes
     parts[-1].unlink()

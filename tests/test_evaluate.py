@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import ray
 
 from notellm.config import load_config
 from notellm.index import ModelInfo, NoteIndex
@@ -25,10 +26,13 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
     work = tmp_path / "work"
     common = [f"data.work_dir={work}", f"training.storage_path={tmp_path / 'runs'}"]
     config = str(REPO_ROOT / "configs/tiny.yaml")
-    for stage in (ingest, mine_pairs, build_prompts):
-        assert stage.main(["--config", config, *common]) == 0
-    cfg = load_config(config, [*common, "training.max_steps=4", "training.num_workers=1"])
-    assert train_stage.train(cfg, threads_per_worker=1)["step"] == 4
+    try:  # the stages connect this process to the session's cluster (ray_init)
+        for stage in (ingest, mine_pairs, build_prompts):
+            assert stage.main(["--config", config, *common]) == 0
+        cfg = load_config(config, [*common, "training.max_steps=4", "training.num_workers=1"])
+        assert train_stage.train(cfg, threads_per_worker=1)["step"] == 4
+    finally:
+        ray.shutdown()  # later tests call ray.init themselves
 
     out = {}
     for module, extra in (("pipelines.embed", []), ("pipelines.build_index", []),

@@ -124,6 +124,8 @@ REAL = _real_parts()
 def ray_cluster(services):
     import ray
 
+    if ray.is_initialized():  # a connection an earlier test's pipeline left open
+        ray.shutdown()
     ray.init(address=services.ray_address)
     yield
     ray.shutdown()

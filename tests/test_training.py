@@ -283,6 +283,8 @@ def test_resuming_with_another_global_batch_size_is_refused(work, tmp_path, caps
 def ray_client(services):
     import ray
 
+    if ray.is_initialized():  # a connection an earlier test's pipeline left open
+        ray.shutdown()
     ray.init(address=services.ray_address)
     yield services
     ray.shutdown()

@@ -9,15 +9,17 @@ and its ground truth; every method ranks the whole pool minus the query (global)
 category minus the query (within-category). Metrics (``notellm.metrics.retrieval_report``):
 Recall@K for K in ``evaluation.ks`` and at the paper's pool fractions, MRR, the same on the
 low/high-exposure slices (engagement quartiles of the ground truth), within-category Recall@K and
-MRR; for the NoteLLM models also category generation accuracy / illegal rate and hashtag BLEU-4 /
-ROUGE-1/2/L on ``evaluation.max_generation_notes`` pool notes.
+MRR; for the models in ``evaluation.generation_methods`` (default NoteLLM only) also category
+generation accuracy / illegal rate and hashtag BLEU-4 / ROUGE-1/2/L on
+``evaluation.max_generation_notes`` pool notes.
 
 Methods (``evaluation.methods``):
 
 * dense (``notellm``, ``notellm-wo-csft``, ``llm-mean``, ``llm-last``, ``prompteol``, ``minilm``,
   ``minilm-ft``): the pool is embedded by ``pipelines.embed`` (Ray Data actors; cached under
-  ``<work_dir>/eval/embeddings/<method>/``, restartable) and searched through ``notellm.index``
-  (the code that serves); ``notellm`` = the newest checkpoint of ``training.run_name``,
+  ``<work_dir>/eval/embeddings/<method>/``, restartable; ``notellm`` takes the pool's rows of the
+  corpus embeddings ``pipelines.embed`` wrote when they come from the same checkpoint) and searched
+  through ``notellm.index`` (the code that serves); ``notellm`` = the newest checkpoint of ``training.run_name``,
   ``notellm-wo-csft`` = of ``training.run_name + evaluation.ablation_suffix`` (a run trained with
   ``training.alpha=0``); ``minilm-ft`` is fine-tuned here first (``notellm.baselines``) on the
   training pairs, as many pairs as NoteLLM's training sees unless ``evaluation.minilm_ft_steps``.
@@ -41,6 +43,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from notellm.config import PipelineConfig
@@ -59,7 +63,14 @@ from notellm.metrics import (
 from notellm.models import ModelResolutionError
 from notellm.stage_cli import run_stage
 from notellm.training import TrainingDataError, newest_checkpoint
-from pipelines.embed import EmbeddingError, embed, read_embeddings, select_notes, table_vectors
+from pipelines.embed import (
+    EmbeddingError,
+    embed,
+    embeddings_dir,
+    read_embeddings,
+    select_notes,
+    table_vectors,
+)
 
 DENSE_ENCODER = {"notellm": "notellm", "notellm-wo-csft": "notellm", "llm-mean": "llm-mean",
                  "llm-last": "llm-last", "prompteol": "prompteol", "minilm": "minilm", "minilm-ft": "minilm-ft"}
@@ -169,12 +180,43 @@ def finetune_minilm(cfg: PipelineConfig) -> Path:
     return out
 
 
+def corpus_embeddings(cfg: PipelineConfig, method: str, source: tuple[str | None, str | None],
+                      data: EvalData) -> tuple[Any, dict[str, Any]] | None:
+    """The pool's rows of the corpus embeddings ``pipelines.embed`` wrote for the same weights
+    (``<work_dir>/embeddings/notellm``, made from ``source``'s checkpoint), or None when there are
+    none, they come from other weights, or they miss a pool note. Saves re-embedding the pool."""
+    if method != "notellm" or source[0] is None:
+        return None
+    from notellm.encoders import file_digest
+    from notellm.training import TRAINABLE_STATE_FILE
+
+    folder = embeddings_dir(cfg, method)
+    try:
+        table, meta = read_embeddings(folder)
+    except EmbeddingError:
+        return None
+    if meta["encoder"].get("version") != file_digest(Path(source[0]) / TRAINABLE_STATE_FILE):
+        print(f"{method}: {folder} holds other weights ({meta['encoder'].get('checkpoint')}); embedding the pool")
+        return None
+    table = table.filter(pc.is_in(table.column("note_id"), pa.array(data.pool_ids, pa.string())))
+    if table.num_rows != len(data.pool_ids):
+        print(f"{method}: {folder} lacks {len(data.pool_ids) - table.num_rows} pool notes; embedding the pool")
+        return None
+    print(f"{method}: the pool's vectors from the corpus embeddings in {folder}")
+    return table, meta
+
+
 def dense_rankings(cfg: PipelineConfig, method: str, data: EvalData) -> tuple[list, list, dict[str, Any]]:
     """Embed the pool with ``method`` (``pipelines.embed``), index it (``NoteIndex``), search every
     query globally and within its category; returns (ranked, cat_ranked, encoder info)."""
-    out_dir = cfg.resolve_path(cfg.data.work_dir) / "eval" / "embeddings" / method
-    embed(cfg, data.pool, DENSE_ENCODER[method], out_dir, source=encoder_source(cfg, method))
-    table, meta = read_embeddings(out_dir)
+    source = encoder_source(cfg, method)
+    table, meta = corpus_embeddings(cfg, method, source, data) or (None, None)
+    if table is None:
+        out_dir = cfg.resolve_path(cfg.data.work_dir) / "eval" / "embeddings" / method
+        embed(cfg, data.pool, DENSE_ENCODER[method], out_dir, source=source)
+        table, meta = read_embeddings(out_dir)
+    else:
+        out_dir = embeddings_dir(cfg, method)
     ids = table.column("note_id").to_pylist()
     index = NoteIndex.build(table_vectors(table), ids, table.column("category").to_pylist(), cfg.index,
                             ModelInfo.from_encoder(meta["encoder"]), seed=cfg.seed)
@@ -275,7 +317,7 @@ def evaluate_method(cfg: PipelineConfig, method: str, data: EvalData, slices) ->
                               fractions=cfg.evaluation.pool_fractions, plain_ks=cfg.evaluation.ks,
                               cat_ranked=cat_ranked, slices=slices)
     metrics = dict(report.metrics)
-    if method in ("notellm", "notellm-wo-csft"):
+    if method in cfg.evaluation.generation_methods:
         metrics |= generation_metrics(cfg, info["checkpoint"], data)
     ranks = truth_ranks(ranked, data.truth, data.queries)
     cat_ranks = truth_ranks(cat_ranked, data.truth, data.queries)

@@ -1,4 +1,4 @@
-"""End to end on the tiny model: ingest → mine → prompts → train (in process, on the session's Ray
+"""Evaluation. End to end on the tiny model: ingest → mine → prompts → train (in process, on the session's Ray
 cluster), then embed → build_index → evaluate submitted with `ray job submit`, logging to MLflow."""
 
 from __future__ import annotations
@@ -7,13 +7,20 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import ray
 
 from notellm.config import load_config
+from notellm.encoders import file_digest
 from notellm.index import ModelInfo, NoteIndex
+from notellm.training import TRAINABLE_STATE_FILE
 from pipelines import build_prompts, ingest, mine_pairs
 from pipelines import train as train_stage
+from pipelines.embed import embeddings_dir, table_vectors, vectors_to_table
+from pipelines.evaluate import EvalData, corpus_embeddings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["notellm", "llm-mean", "minilm", "bm25", "random"]
@@ -59,8 +66,42 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
     assert {"category_acc", "category_ill", "bleu4", "rougeL"} <= set(results["notellm"])
     assert "| notellm |" in (work / "eval/comparison.md").read_text()
 
+    # NoteLLM's pool vectors come from the corpus embeddings of the same checkpoint (no second pass)
+    assert "notellm: the pool's vectors from the corpus embeddings" in out["pipelines.evaluate"]
+    assert not (work / "eval/embeddings/notellm").exists() and (work / "eval/embeddings/llm-mean").is_dir()
+
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", out["pipelines.evaluate"]).group(1)
     client = MlflowClient(services.mlflow_url)
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
         "evaluation/comparison.md", "evaluation/recall_at_k.png"}
     assert client.get_run(run_id).data.metrics["minilm.recall_at_10"] == pytest.approx(results["minilm"]["recall_at_10"])
+
+
+def _eval_data(pool_ids: list[str]) -> EvalData:
+    pool = pa.table({"note_id": pool_ids, "category": ["c"] * len(pool_ids)})
+    return EvalData(pool, [], [], dict.fromkeys(pool_ids, "c"), dict.fromkeys(pool_ids, 1))
+
+
+def test_corpus_embeddings_are_reused_only_for_the_same_weights(tmp_path):
+    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", [f"data.work_dir={tmp_path / 'work'}"])
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    state = checkpoint / TRAINABLE_STATE_FILE
+    state.write_bytes(b"weights v1")
+    folder = embeddings_dir(cfg, "notellm")
+    folder.mkdir(parents=True)
+    ids = [f"n{i}" for i in range(6)]
+    vectors = np.eye(6, 4, dtype=np.float32)
+    pq.write_table(vectors_to_table(ids, ["c"] * 6, vectors), folder / "part-00000.parquet")
+    meta = {"encoder": {"method": "notellm", "version": file_digest(state), "checkpoint": str(checkpoint)},
+            "dim": 4, "normalized": True, "notes": 6}
+    (folder / "encoder.json").write_text(json.dumps(meta))
+    source = (str(checkpoint), None)
+
+    table, got = corpus_embeddings(cfg, "notellm", source, _eval_data(["n4", "n1"]))
+    assert sorted(table.column("note_id").to_pylist()) == ["n1", "n4"] and got == meta
+    assert np.array_equal(table_vectors(table.sort_by("note_id")), vectors[[1, 4]])
+    assert corpus_embeddings(cfg, "notellm", source, _eval_data(["n1", "n9"])) is None  # a pool note missing
+    assert corpus_embeddings(cfg, "llm-mean", source, _eval_data(["n1"])) is None  # only the trained model
+    state.write_bytes(b"weights v2")  # the checkpoint moved on: the corpus vectors are stale
+    assert corpus_embeddings(cfg, "notellm", source, _eval_data(["n1"])) is None

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from notellm.config import REPO_ROOT, PromptConfig
+from notellm.config import REPO_ROOT, PromptConfig, load_config
 from notellm.data.io import write_table
 from notellm.models import load_tokenizer
 from notellm.prompts import (
@@ -426,9 +426,16 @@ def built(submit_stage, tmp_path_factory):
     return work, train_pairs, proc
 
 
+@pytest.fixture(scope="module")
+def demo_builder(builder) -> PromptBuilder:
+    """The builder with the prompt settings of the config the stage runs with (``configs/demo.yaml``)."""
+    return PromptBuilder(builder.tokenizer, load_config(REPO_ROOT / "configs/demo.yaml").prompts)
+
+
 @pytest.mark.slow
-def test_stage_writes_train_and_embed_prompts_keyed_by_note_id(built, builder, services):
+def test_stage_writes_train_and_embed_prompts_keyed_by_note_id(built, demo_builder, services):
     work, train_pairs, proc = built
+    builder = demo_builder
     out = work / "prompts"
     assert sorted(p.name for p in work.iterdir()) == ["ingested", "pairs", "prompts"]  # no temp dirs left
     train = pq.read_table(out / "train")

@@ -199,6 +199,9 @@ class EvaluationConfig(_Section):
         default_factory=lambda: [100 / 257_937, 1_000 / 257_937, 10_000 / 257_937, 100_000 / 257_937]
     )
     max_generation_notes: int = Field(200, ge=0, description="pool notes for category/hashtag generation")
+    generation_methods: list[Literal["notellm", "notellm-wo-csft"]] = Field(
+        default_factory=lambda: ["notellm"], description="models whose generation is measured (the "
+        "w/o-CSFT ablation never trains generation: add it to show that it cannot generate)")
     generation_batch_size: int = Field(16, gt=0)
     category_max_new_tokens: int = Field(8, gt=0)
     hashtag_max_new_tokens: int = Field(24, gt=0)

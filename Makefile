@@ -9,6 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/demo.yaml
 PYTEST_ARGS ?=
+OVERRIDES ?=
 
 .PHONY: env demo test services-start services-status services-stop dataset
 
@@ -16,7 +17,7 @@ env:
 	@bash scripts/setup_env.sh
 
 demo: env
-	@bash scripts/run_demo.sh $(CONFIG)
+	@bash scripts/run_demo.sh $(CONFIG) $(OVERRIDES)
 
 test: env
 	@$(PY) -m pytest $(PYTEST_ARGS)

@@ -8,7 +8,8 @@ process computing at a time), so every variant sees the same machine load.
 
 Variants
 --------
-* ``ours``: ``notellm.training.train_step`` — bf16 autocast, LM head applied to the output tokens
+* ``ours``: ``notellm.training.train_step`` — bf16 autocast with the frozen base weights stored in
+  bf16 (``base_weights_dtype``), LM head applied to the output tokens
   only (``csft_loss``), length-aware batches (``BatchPlan``) padded to the batch max.
 * ``naive``: the REFERENCE, ``naive_step`` below — what a straightforward first attempt writes:
   fp32, ``causal_lm(...).logits`` over EVERY position then cross-entropy with the labels, random
@@ -78,7 +79,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from notellm.config import REPO_ROOT, PipelineConfig, load_config
 from notellm.io_utils import atomic_write_text
 from notellm.losses import csft_loss, gathered_gcl_loss, total_loss
-from notellm.modeling import NoteLLM, attention_mask_from_lengths, build_notellm
+from notellm.modeling import NoteLLM, attention_mask_from_lengths, base_weights_dtype, build_notellm
 from notellm.prompts import IGNORE_INDEX
 from notellm.training import (BatchPlan, TrainingData, TrainingDataError, build_optimizer,
                               check_training_inputs, collate, load_training_data, seed_everything,
@@ -289,7 +290,8 @@ def run_worker(variant: Variant, steps: int, warmup: int, pairs_per_batch: int, 
         raise SystemExit(f"{err}\n(with --config {CONFIG.relative_to(REPO_ROOT)}: `make demo`, or "
                          "pipelines.ingest, pipelines.mine_pairs then pipelines.build_prompts)") from err
     seed_everything(cfg.training.seed)
-    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True)
+    model, _ = build_notellm(cfg.model, cfg.lora, for_training=True,
+                             dtype=base_weights_dtype(cfg.training.bf16, cfg.lora.enabled))
     check_training_inputs(data, cfg, model.emb_token_id)
     optimizer, scheduler = build_optimizer(model, cfg)
     dims = model_dims(model)

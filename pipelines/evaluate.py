@@ -342,6 +342,26 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+VERDICT_METRICS = [("recall_at_10", "R@10"), ("recall_at_100", "R@100"), ("cat_recall_at_10", "cat R@10"),
+                   ("cat_recall_at_100", "cat R@100")]
+"""Where NoteLLM has to beat every other method (the issue's acceptance metrics)."""
+
+
+def verdict(results: list[dict[str, Any]], ours: str = "notellm") -> list[str]:
+    """One line per ``VERDICT_METRICS`` entry: ``ours`` against the best other method (percent),
+    e.g. ``"R@10: notellm 18.41 vs best other bm25 16.02 -> ahead by 2.39"``; empty without ``ours``."""
+    by_method = {r["method"]: r["metrics"] for r in results}
+    if ours not in by_method or len(by_method) < 2:
+        return []
+    lines = []
+    for key, label in VERDICT_METRICS:
+        mine = 100 * by_method[ours][key]
+        best, value = max(((m, 100 * v[key]) for m, v in by_method.items() if m != ours), key=lambda mv: mv[1])
+        word = "ahead" if mine > value else "behind"
+        lines.append(f"{label}: {ours} {mine:.2f} vs best other {best} {value:.2f} -> {word} by {abs(mine - value):.2f}")
+    return lines
+
+
 def recall_curves_png(results: list[dict[str, Any]], pool_size: int, path: Path) -> None:
     """Recall@K for K = 1..pool size (log x), global and within-category, one line per method."""
     import matplotlib
@@ -377,11 +397,12 @@ def evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     results = [evaluate_method(cfg, m, data, slices) for m in cfg.evaluation.methods]
     out_dir = cfg.resolve_path(cfg.data.work_dir) / "eval"
     table = format_table(results)
-    summary = {"pool_size": len(data.pool_ids), "pairs": len(data.queries),
+    lines = verdict(results)
+    summary = {"pool_size": len(data.pool_ids), "pairs": len(data.queries), "verdict": lines,
                "exposure_thresholds": [slices.low_threshold, slices.high_threshold],
                "methods": [{k: v for k, v in r.items() if k not in ("ranks", "cat_ranks")} for r in results],
                "seconds": round(time.perf_counter() - started, 1)}
-    atomic_write_text(out_dir / "comparison.md", table + "\n")
+    atomic_write_text(out_dir / "comparison.md", table + "\n" + "".join(f"\n{line}" for line in lines) + "\n")
     atomic_write_text(out_dir / "comparison.json", json.dumps(summary, indent=2, default=str) + "\n")
     keys = sorted({k for r in results for k in r["metrics"]})
     buf = io.StringIO()
@@ -392,7 +413,8 @@ def evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
     recall_curves_png(results, len(data.pool_ids), out_dir / "recall_at_k.png")
     print(f"\nComparison on the evaluation pool ({len(data.pool_ids)} notes, {len(data.queries)} test pairs; "
-          f"%, cat = within the query's category):\n{table}\n\nwrote {out_dir}/comparison.{{md,csv,json}} "
+          f"%, cat = within the query's category):\n{table}\n\n" + "".join(f"{line}\n" for line in lines)
+          + f"\nwrote {out_dir}/comparison.{{md,csv,json}} "
           f"and recall_at_k.png in {summary['seconds']:.0f}s")
     return summary | {"out_dir": str(out_dir)}
 

@@ -85,7 +85,8 @@ def check_previous_checkpoints(cfg: PipelineConfig) -> None:
                 f"{cfg.model.name!r} is {expected}); a run with training.run_name="
                 f"{cfg.training.run_name!r} would resume from it: choose another run_name or storage_path")
         saved = json.loads((state.parent / TRAIN_STATE_FILE).read_text(encoding="utf-8"))
-        for key in ("pairs_per_batch", "seed"):
+        saved.setdefault("batching", "random")  # checkpoints written before the option existed
+        for key in ("pairs_per_batch", "seed", "batching"):
             if saved[key] != getattr(cfg.training, key):
                 raise TrainingDataError(
                     f"{state.parent} was made with training.{key}={saved[key]}, this config has "
@@ -180,7 +181,7 @@ def train_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from notellm.modeling import build_notellm
+    from notellm.modeling import base_weights_dtype, build_notellm
     from notellm.training import (
         BatchPlan,
         build_optimizer,
@@ -199,7 +200,7 @@ def train_loop(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     seed_everything(rank_seed(t.seed, rank))
     model, _ = build_notellm(cfg.model, cfg.lora, for_training=True, device=device,
-                             emb_token=cfg.prompts.emb_token)
+                             dtype=base_weights_dtype(t.bf16, cfg.lora.enabled), emb_token=cfg.prompts.emb_token)
     data = load_training_data(cfg)
     check_training_inputs(data, cfg, model.emb_token_id)
     optimizer, scheduler = build_optimizer(model, cfg)

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # The main job on the local cluster: start (or reuse) the Ray head + MLflow server, then submit
-# each pipeline stage with `ray job submit`. Usage: bash scripts/run_demo.sh configs/demo.yaml
+# each pipeline stage with `ray job submit`.
+# Usage: bash scripts/run_demo.sh [configs/demo.yaml [key=value ...]]   (overrides go to every stage)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=${1:-configs/demo.yaml}
+shift $(( $# > 0 ? 1 : 0 ))
+OVERRIDES=("$@")
 VENV_BIN="$PWD/.venv/bin"
 export PATH="$VENV_BIN:$PATH"
 
@@ -15,12 +18,12 @@ started=$SECONDS
 submit() {  # submit <stage> [key=value ...]
     local stage=$1
     shift
-    echo "[demo] $(date -u +%H:%M:%S) ray job submit -- python -m pipelines.$stage --config $CONFIG $*"
+    echo "[demo] $(date -u +%H:%M:%S) ray job submit -- python -m pipelines.$stage --config $CONFIG ${OVERRIDES[*]} $*"
     ray job submit --address "$RAY_API_SERVER_ADDRESS" --working-dir . \
         --runtime-env-json "{\"env_vars\": {\"MLFLOW_TRACKING_URI\": \"$MLFLOW_TRACKING_URI\"}}" \
-        -- python -m "pipelines.$stage" --config "$CONFIG" "$@"
+        -- python -m "pipelines.$stage" --config "$CONFIG" "${OVERRIDES[@]}" "$@"
 }
-run_name=$(python -c "from notellm.config import load_config; c = load_config('$CONFIG'); print(c.training.run_name + c.evaluation.ablation_suffix)")
+run_name=$(python -c "import sys; from notellm.config import load_config; c = load_config(sys.argv[1], sys.argv[2:]); print(c.training.run_name + c.evaluation.ablation_suffix)" "$CONFIG" "${OVERRIDES[@]}")
 
 submit ingest
 submit mine_pairs

@@ -20,7 +20,7 @@ from notellm.training import TRAINABLE_STATE_FILE
 from pipelines import build_prompts, ingest, mine_pairs
 from pipelines import train as train_stage
 from pipelines.embed import embeddings_dir, table_vectors, vectors_to_table
-from pipelines.evaluate import EvalData, corpus_embeddings
+from pipelines.evaluate import EvalData, corpus_embeddings, verdict
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["notellm", "llm-mean", "minilm", "bm25", "random"]
@@ -65,6 +65,7 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
     assert results["minilm"]["recall_at_10"] > results["random"]["recall_at_10"] + 0.05  # real signal
     assert {"category_acc", "category_ill", "bleu4", "rougeL"} <= set(results["notellm"])
     assert "| notellm |" in (work / "eval/comparison.md").read_text()
+    assert len(summary["verdict"]) == 4 and summary["verdict"][2] in out["pipelines.evaluate"]
 
     # NoteLLM's pool vectors come from the corpus embeddings of the same checkpoint (no second pass)
     assert "notellm: the pool's vectors from the corpus embeddings" in out["pipelines.evaluate"]
@@ -105,3 +106,17 @@ def test_corpus_embeddings_are_reused_only_for_the_same_weights(tmp_path):
     assert corpus_embeddings(cfg, "llm-mean", source, _eval_data(["n1"])) is None  # only the trained model
     state.write_bytes(b"weights v2")  # the checkpoint moved on: the corpus vectors are stale
     assert corpus_embeddings(cfg, "notellm", source, _eval_data(["n1"])) is None
+
+
+def test_verdict_compares_notellm_with_the_best_other_method_per_metric():
+    def result(method, r10, r100, c10, c100):
+        return {"method": method, "metrics": {"recall_at_10": r10, "recall_at_100": r100,
+                                              "cat_recall_at_10": c10, "cat_recall_at_100": c100}}
+
+    lines = verdict([result("notellm", 0.20, 0.70, 0.15, 0.80), result("bm25", 0.10, 0.75, 0.12, 0.60),
+                     result("minilm", 0.18, 0.50, 0.16, 0.70)])
+    assert lines == ["R@10: notellm 20.00 vs best other minilm 18.00 -> ahead by 2.00",
+                     "R@100: notellm 70.00 vs best other bm25 75.00 -> behind by 5.00",
+                     "cat R@10: notellm 15.00 vs best other minilm 16.00 -> behind by 1.00",
+                     "cat R@100: notellm 80.00 vs best other minilm 70.00 -> ahead by 10.00"]
+    assert verdict([result("bm25", 0.1, 0.2, 0.3, 0.4)]) == []

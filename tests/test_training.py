@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from notellm.training import (
     build_optimizer,
     check_training_inputs,
     collate,
+    epoch_batches,
     load_checkpoint,
     load_training_data,
     resume_candidates,
@@ -114,6 +116,34 @@ def test_data_join_and_batch_layout(work):
             assert batch["labels"][k, :n].tolist() == data.labels[row]
             assert (batch["labels"][k, n:] == IGNORE_INDEX).all()
             assert batch["input_ids"][k, batch["emb_pos"][k] + 1].item() == data.meta["emb_token_id"]
+
+
+def test_same_category_batches_hold_one_category_and_cover_the_epoch():
+    rng = np.random.default_rng(0)
+    group = np.repeat([0, 1, 2], [37, 21, 6])  # 64 pairs; the 6 of group 2 fit no batch of 8 alone
+    length = rng.integers(50, 150, len(group))
+    batches = epoch_batches(length, 8, seed=0, epoch=0, pair_group=group)
+    assert batches.shape == (64 // 8, 8)
+    assert len(set(batches.ravel().tolist())) == 64  # every pair once
+    pure = [b for b in batches if len(set(group[b].tolist())) == 1]
+    assert len(pure) == 37 // 8 + 21 // 8  # whole batches within a category; remainders pooled
+    assert np.array_equal(batches, epoch_batches(length, 8, seed=0, epoch=0, pair_group=group))
+    assert not np.array_equal(batches, epoch_batches(length, 8, seed=0, epoch=1, pair_group=group))
+
+
+def test_same_category_batching_reads_the_ingested_categories(work, tmp_path):
+    folder = tmp_path / "work"
+    shutil.copytree(work[0], folder)
+    with pytest.raises(TrainingDataError, match="ingested/notes.parquet does not exist"):
+        load_training_data(tiny_cfg(folder, "training.batching=same_category"))
+    (folder / "ingested").mkdir()
+    shutil.copy(NOTES_PATH, folder / "ingested/notes.parquet")
+    data = load_training_data(tiny_cfg(folder, "training.batching=same_category"))
+    category = dict(zip(*pq.read_table(NOTES_PATH, columns=["note_id", "category"]).to_pydict().values()))
+    first = [category[data.note_ids[a]] for a, _ in data.pairs]
+    names = sorted(set(first))
+    assert data.pair_group.tolist() == [names.index(c) for c in first]
+    assert load_training_data(tiny_cfg(folder)).pair_group is None
 
 
 # ------------------------------------------------------------------------------------ the step

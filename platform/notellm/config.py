@@ -134,7 +134,11 @@ class TrainingConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     alpha: float = Field(0.01, ge=0, description="weight of L_gen")
-    bf16: bool = True
+    batching: Literal["random", "same_category"] = Field(
+        "random", description="random: in-batch negatives from any category (paper); same_category: "
+        "each global batch from one category, so negatives are same-category notes (harder)")
+    bf16: bool = Field(True, description="bf16 autocast; with LoRA the frozen base weights are also "
+                       "stored in bf16 (notellm.modeling.base_weights_dtype)")
     checkpoint_every: int = Field(50, gt=0)
     num_to_keep: int = Field(2, gt=0)
     max_failures: int = Field(2, ge=0)
@@ -166,8 +170,8 @@ class EmbeddingConfig(_Section):
     num_actors: int = Field(1, gt=0)
     cpus_per_actor: int = Field(1, gt=0, description="CPUs (and torch threads) per actor")
     use_gpu: bool = False
-    bf16: bool = Field(False, description="LLM forward under bf16 autocast (~2x faster on CPUs with "
-                       "bf16 matmuls; vectors then differ from fp32 by ~1e-2)")
+    bf16: bool = Field(False, description="LLM weights in bf16 and the forward under bf16 autocast "
+                       "(faster on CPUs with bf16 matmuls; vectors then differ from fp32 by ~1e-2)")
     rows_per_file: int = Field(100_000, gt=0, description="rows per output Parquet file")
 
 

@@ -41,6 +41,7 @@ from notellm.config import PipelineConfig
 from notellm.modeling import (
     attention_mask_from_lengths,
     base_model_fingerprint,
+    base_weights_dtype,
     build_notellm,
     pad_sequences,
     position_ids_from_mask,
@@ -129,6 +130,7 @@ class NoteLLMEncoder:
         if not state.is_file():
             raise EncoderError(f"{state} does not exist: expected a training checkpoint folder")
         self.model, tokenizer = build_notellm(cfg.model, cfg.lora, for_training=False, device=device,
+                                              dtype=base_weights_dtype(cfg.embedding.bf16, True),
                                               emb_token=cfg.prompts.emb_token)
         self.model.load_trainable_state(state)
         self.model.merge_adapters()
@@ -172,7 +174,8 @@ class CausalLMEncoder:
         if method not in ("llm-mean", "llm-last", "prompteol"):
             raise EncoderError(f"CausalLMEncoder does not do {method!r}")
         self.method = method
-        self.lm, _ = load_causal_lm(cfg.model.name, dtype=torch.float32, device=device)
+        self.lm, _ = load_causal_lm(cfg.model.name, dtype=base_weights_dtype(cfg.embedding.bf16, True),
+                                    device=device)
         self.builder = PromptBuilder(load_tokenizer(cfg.model.name, fresh=True), cfg.prompts)
         tokenizer = self.builder.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -14,8 +14,11 @@ pairs, each window is sorted by pair length (the longer note), cut into global b
 and the batches of the epoch are shuffled again (same generator). The incomplete tail is dropped
 (every rank needs the same local batch size). Rank r takes pairs ``[r*b:(r+1)*b]`` (b = B/W) of the
 global batch and lays its 2b notes out ``[a_1..a_b, b_1..b_b]`` (``notellm.losses.pair_layout``).
-So resuming at step s reproduces the exact batches a run without interruption would have seen,
-whatever the number of workers.
+With ``training.batching=same_category`` the batches are cut within each category (of the pair's
+first note; pairs never cross categories here), so every in-batch negative shares the batch's
+category: GCL then has to rank within a category instead of mostly telling categories apart
+(``epoch_batches``). So resuming at step s reproduces the exact batches a run without
+interruption would have seen, whatever the number of workers.
 
 Step (``train_step``): ONE forward (``model(batch)``, so DDP prepares its gradient all-reduce) gives
 the embeddings and the hidden states; L_cl = ``gathered_gcl_loss`` (global in-batch negatives),
@@ -83,6 +86,8 @@ class TrainingData:
     pairs: np.ndarray
     pair_length: np.ndarray
     meta: dict[str, Any]
+    pair_group: np.ndarray | None = None
+    """int64 [P] category code of each pair's first note (``training.batching=same_category``)."""
 
     @property
     def num_pairs(self) -> int:
@@ -93,7 +98,7 @@ def data_paths(cfg: PipelineConfig) -> dict[str, Path]:
     """Where the training inputs live under ``data.work_dir``."""
     work = cfg.resolve_path(cfg.data.work_dir)
     return {"pairs": work / "pairs" / "train.parquet", "prompts": work / "prompts" / "train",
-            "meta": work / "prompts" / "meta.json"}
+            "meta": work / "prompts" / "meta.json", "notes": work / "ingested" / "notes.parquet"}
 
 
 def load_training_data(cfg: PipelineConfig) -> TrainingData:
@@ -126,7 +131,23 @@ def load_training_data(cfg: PipelineConfig) -> TrainingData:
     return TrainingData(
         note_ids=prompts["note_id"], input_ids=prompts["input_ids"], labels=prompts["labels"],
         emb_pos=prompts["emb_pos"], pairs=index,
-        pair_length=lengths[index].max(axis=1) if len(index) else np.zeros(0, np.int64), meta=meta)
+        pair_length=lengths[index].max(axis=1) if len(index) else np.zeros(0, np.int64), meta=meta,
+        pair_group=pair_categories(paths["notes"], left) if cfg.training.batching == "same_category" else None)
+
+
+def pair_categories(notes_path: Path, first_notes: Sequence[str]) -> np.ndarray:
+    """int64 [P] code of the category of each pair's first note (codes in sorted category order)."""
+    if not notes_path.is_file():
+        raise TrainingDataError(f"{notes_path} does not exist: training.batching=same_category needs the "
+                                "ingested notes (run pipelines.ingest with the same data.work_dir)")
+    notes = pq.read_table(notes_path, columns=["note_id", "category"]).to_pydict()
+    category = dict(zip(notes["note_id"], notes["category"]))
+    missing = [n for n in first_notes if n not in category]
+    if missing:
+        raise TrainingDataError(f"{notes_path}: {len(missing)} pair notes are not there (e.g. {missing[:3]})")
+    names = sorted({str(category[n]) for n in first_notes})
+    code = {c: i for i, c in enumerate(names)}
+    return np.asarray([code[str(category[n])] for n in first_notes], dtype=np.int64)
 
 
 def check_training_inputs(data: TrainingData, cfg: PipelineConfig, emb_token_id: int | None = None) -> None:
@@ -152,16 +173,44 @@ def steps_per_epoch(num_pairs: int, pairs_per_batch: int) -> int:
     return num_pairs // pairs_per_batch
 
 
-def epoch_batches(pair_length: np.ndarray, pairs_per_batch: int, seed: int, epoch: int,
-                  window_batches: int = LENGTH_WINDOW_BATCHES) -> np.ndarray:
-    """Global batches of one epoch: int64 [steps_per_epoch, B] pair indices (module docstring)."""
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(pair_length))
-    order = order[: steps_per_epoch(len(order), pairs_per_batch) * pairs_per_batch]
+def _length_sorted_batches(order: np.ndarray, pair_length: np.ndarray, pairs_per_batch: int,
+                           window_batches: int) -> np.ndarray:
+    """Pair indices ``order`` (a multiple of B long) -> int64 [len/B, B] batches, sorted by pair
+    length within windows of ``window_batches`` batches."""
     window = window_batches * pairs_per_batch
     chunks = [order[i:i + window] for i in range(0, len(order), window)]
+    if not chunks:
+        return np.zeros((0, pairs_per_batch), np.int64)
     order = np.concatenate([c[np.argsort(pair_length[c], kind="stable")] for c in chunks])
-    batches = order.reshape(-1, pairs_per_batch)
+    return order.reshape(-1, pairs_per_batch)
+
+
+def epoch_batches(pair_length: np.ndarray, pairs_per_batch: int, seed: int, epoch: int,
+                  window_batches: int = LENGTH_WINDOW_BATCHES, pair_group: np.ndarray | None = None
+                  ) -> np.ndarray:
+    """Global batches of one epoch: int64 [steps_per_epoch, B] pair indices (module docstring).
+
+    ``pair_group`` [P] (``training.batching=same_category``): batches are cut within each group,
+    so a batch's in-batch negatives share its category; each group's remainder (< B pairs) is pooled
+    into mixed batches at the end, so the epoch still has ``steps_per_epoch`` batches."""
+    rng = np.random.default_rng([seed, epoch])
+    if pair_group is None:
+        order = rng.permutation(len(pair_length))
+        order = order[: steps_per_epoch(len(order), pairs_per_batch) * pairs_per_batch]
+        batches = _length_sorted_batches(order, pair_length, pairs_per_batch, window_batches)
+        return batches[rng.permutation(len(batches))]
+    parts, rest = [], []
+    for group in np.unique(pair_group):
+        order = np.flatnonzero(pair_group == group)
+        order = order[rng.permutation(len(order))]
+        full = len(order) // pairs_per_batch * pairs_per_batch
+        parts.append(_length_sorted_batches(order[:full], pair_length, pairs_per_batch, window_batches))
+        rest.append(order[full:])
+    leftover = np.concatenate(rest)
+    leftover = leftover[rng.permutation(len(leftover))]
+    leftover = leftover[: len(leftover) // pairs_per_batch * pairs_per_batch]
+    parts.append(_length_sorted_batches(leftover, pair_length, pairs_per_batch, window_batches))
+    batches = np.concatenate(parts)
     return batches[rng.permutation(len(batches))]
 
 
@@ -178,7 +227,8 @@ class BatchPlan:
         epoch, i = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._batches = epoch_batches(self.data.pair_length, self.pairs_per_batch, self.seed, epoch)
+            self._batches = epoch_batches(self.data.pair_length, self.pairs_per_batch, self.seed, epoch,
+                                          pair_group=self.data.pair_group)
         return self._batches[i]
 
     def local_batch(self, step: int, rank: int, world_size: int, pad_id: int) -> dict[str, torch.Tensor]:
@@ -292,6 +342,7 @@ def save_checkpoint(directory: str | os.PathLike, model: NoteLLM, optimizer: tor
                directory / OPTIMIZER_FILE)
     state = {"step": step, "pairs_seen": step * cfg.training.pairs_per_batch,
              "pairs_per_batch": cfg.training.pairs_per_batch, "seed": cfg.training.seed,
+             "batching": cfg.training.batching,
              "world_size": get_world_size(), "mlflow_run_id": mlflow_run_id}
     (directory / TRAIN_STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
     (directory / CONFIG_FILE).write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n",

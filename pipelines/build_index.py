@@ -25,9 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from notellm.config import PipelineConfig
+from notellm.embedding_store import EmbeddingError, embeddings_dir, read_embeddings, table_vectors
 from notellm.index import METADATA_FILE, ModelInfo, NoteIndex, NoteIndexError
 from notellm.stage_cli import run_stage
-from pipelines.embed import EmbeddingError, embeddings_dir, read_embeddings, table_vectors
 
 
 def index_dir(cfg: PipelineConfig, method: str | None = None) -> Path:

@@ -32,61 +32,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from notellm.config import PipelineConfig
-from notellm.encoders import EncoderError, EncoderInfo, embed_notes, load_encoder
+from notellm.embedding_store import (
+    ENCODER_FILE,
+    PART_GLOB,
+    PROGRESS_FILE,
+    EmbeddingError,
+    embeddings_dir,
+    vectors_to_table,
+)
+from notellm.encoders import EncoderError, EncoderInfo, describe_encoder, embed_notes, load_encoder
 from notellm.io_utils import atomic_write_parquet, atomic_write_text
 from notellm.models import ModelResolutionError
 from notellm.stage_cli import ray_init, run_stage
 from notellm.training import TrainingDataError, newest_checkpoint
 
 NOTE_COLUMNS = ["note_id", "title", "content", "hashtags", "category"]
-ENCODER_FILE = "encoder.json"
-PROGRESS_FILE = "progress.json"  # the encoder of an unfinished run (restart keeps its parts)
-PART_GLOB = "part-*.parquet"
-
-
-class EmbeddingError(ValueError):
-    """Embedding inputs are missing or inconsistent."""
-
-
-def embeddings_dir(cfg: PipelineConfig, method: str | None = None) -> Path:
-    return cfg.resolve_path(cfg.data.work_dir) / "embeddings" / (method or cfg.embedding.method)
-
-
-def output_schema(dim: int) -> pa.Schema:
-    return pa.schema([pa.field("note_id", pa.string(), nullable=False), pa.field("category", pa.string()),
-                      pa.field("embedding", pa.list_(pa.float32(), dim), nullable=False)])
-
-
-def vectors_to_table(note_ids: list[str], categories: list[str | None], vectors: np.ndarray) -> pa.Table:
-    """[n, d] float32 vectors and their ids as an ``output_schema(d)`` table."""
-    n, dim = vectors.shape
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1), pa.float32())
-    return pa.Table.from_arrays([pa.array(note_ids, pa.string()), pa.array(categories, pa.string()),
-                                 pa.FixedSizeListArray.from_arrays(flat, dim)], schema=output_schema(dim))
-
-
-def read_embeddings(folder: Path) -> tuple[pa.Table, dict[str, Any]]:
-    """All part files of an embeddings folder (one table) and its ``encoder.json``."""
-    meta_path = folder / ENCODER_FILE
-    if not meta_path.is_file():
-        raise EmbeddingError(f"{meta_path} does not exist: run pipelines.embed first (or it did not finish)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    parts = sorted(folder.glob(PART_GLOB))
-    table = pa.concat_tables([pq.read_table(p) for p in parts]) if parts else output_schema(meta["dim"]).empty_table()
-    return table, meta
-
-
-def table_vectors(table: pa.Table) -> np.ndarray:
-    """The ``embedding`` column as a [n, d] float32 array."""
-    column = table.column("embedding").combine_chunks()
-    dim = column.type.list_size
-    return column.values.to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -131,16 +96,22 @@ def encoder_source(cfg: PipelineConfig, method: str) -> tuple[str | None, str | 
 
 
 class EmbedActor:
-    """Ray Data actor: loads the encoder once, embeds each batch in length-sorted forward batches."""
+    """Ray Data actor: loads the encoder once, embeds each batch in length-sorted forward batches.
+
+    ``expected``: the driver's ``describe_encoder`` result; an actor whose loaded encoder differs
+    (the checkpoint changed in between, a config the description got wrong) refuses to start."""
 
     def __init__(self, cfg_json: dict[str, Any], method: str, checkpoint: str | None, run_id: str | None,
-                 threads: int) -> None:
+                 threads: int, expected: dict[str, Any]) -> None:
         import torch
 
         torch.set_num_threads(threads)
         cfg = PipelineConfig.model_validate(cfg_json)
         device = "cuda" if cfg.embedding.use_gpu else "cpu"
         self.encoder = load_encoder(cfg, method, checkpoint, device=device, run_id=run_id)
+        if self.encoder.info.as_dict() != expected:
+            raise EncoderError(f"the loaded encoder {self.encoder.info.as_dict()} is not the one the driver "
+                               f"described ({expected})")
         self.batch_size = cfg.embedding.batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -149,15 +120,18 @@ class EmbedActor:
         return vectors_to_table([n["note_id"] for n in notes], [n["category"] for n in notes], vectors)
 
 
-def embed_dataset(ds, cfg: PipelineConfig, method: str, checkpoint: str | None, run_id: str | None):
-    """The lazy Ray Dataset of ``output_schema`` rows for a Dataset of notes (``NOTE_COLUMNS``)."""
+def embed_dataset(ds, cfg: PipelineConfig, method: str, checkpoint: str | None, run_id: str | None,
+                  info: EncoderInfo):
+    """The lazy Ray Dataset of ``output_schema`` rows for a Dataset of notes (``NOTE_COLUMNS``),
+    embedded by actors that load the encoder ``info`` describes."""
     from ray.data import ActorPoolStrategy
 
     e = cfg.embedding
     return ds.map_batches(
         EmbedActor,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"), "method": method,
-                               "checkpoint": checkpoint, "run_id": run_id, "threads": e.cpus_per_actor},
+                               "checkpoint": checkpoint, "run_id": run_id, "threads": e.cpus_per_actor,
+                               "expected": info.as_dict()},
         batch_size=e.batch_size * e.window_batches,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=e.num_actors),
@@ -199,9 +173,7 @@ def embed(cfg: PipelineConfig, notes: pa.Table | None = None, method: str | None
     if notes.num_rows == 0:
         raise EmbeddingError("no notes to embed")
     checkpoint, run_id = source if source is not None else encoder_source(cfg, method)
-    probe = load_encoder(cfg, method, checkpoint, run_id=run_id)  # fails here, not in every actor
-    info = probe.info
-    del probe
+    info = describe_encoder(cfg, method, checkpoint, run_id)  # bad inputs fail here, not in every actor
     out_dir.mkdir(parents=True, exist_ok=True)
     done = _finished(out_dir, info)
     (out_dir / ENCODER_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
@@ -216,7 +188,7 @@ def embed(cfg: PipelineConfig, notes: pa.Table | None = None, method: str | None
         # Blocks made here, on the driver: no Ray task has to wait for a CPU the actors hold.
         step = cfg.embedding.batch_size * cfg.embedding.window_batches
         blocks = [todo.slice(i, step) for i in range(0, todo.num_rows, step)]
-        ds = embed_dataset(ray.data.from_arrow(blocks), cfg, method, checkpoint, run_id)
+        ds = embed_dataset(ray.data.from_arrow(blocks), cfg, method, checkpoint, run_id, info)
         buffer: list[pa.Table] = []
         buffered = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -48,6 +48,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from notellm.config import PipelineConfig
+from notellm.embedding_store import EmbeddingError, embeddings_dir, read_embeddings, table_vectors
 from notellm.encoders import EncoderError
 from notellm.index import IndexInputError, ModelInfo, NoteIndex
 from notellm.io_utils import atomic_path, atomic_write_text
@@ -63,14 +64,7 @@ from notellm.metrics import (
 from notellm.models import ModelResolutionError
 from notellm.stage_cli import run_stage
 from notellm.training import TrainingDataError, newest_checkpoint
-from pipelines.embed import (
-    EmbeddingError,
-    embed,
-    embeddings_dir,
-    read_embeddings,
-    select_notes,
-    table_vectors,
-)
+from pipelines.embed import embed, select_notes
 
 DENSE_ENCODER = {"notellm": "notellm", "notellm-wo-csft": "notellm", "llm-mean": "llm-mean",
                  "llm-last": "llm-last", "prompteol": "prompteol", "minilm": "minilm", "minilm-ft": "minilm-ft"}

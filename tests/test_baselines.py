@@ -124,7 +124,7 @@ def one_torch_thread():
 
 
 def test_finetune_saves_reloads_offline_and_pulls_pairs_together(tmp_path, monkeypatch, one_torch_thread):
-    from notellm.models import load_sentence_encoder
+    from notellm.models import load_sentence_encoder, sentence_encoder_dim
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pairs = toy_pairs(32)
@@ -136,6 +136,7 @@ def test_finetune_saves_reloads_offline_and_pulls_pairs_together(tmp_path, monke
     assert [p.name for p in tmp_path.iterdir()] == ["minilm-ft"]  # no temporary folder left behind
     tuned = load_sentence_encoder(out, fresh=True)
     assert tuned.max_seq_length == 128  # MAX_SEQ_LENGTH travels with the saved model
+    assert sentence_encoder_dim(out) == tuned.get_embedding_dimension() == 384  # read without loading
     texts = [p[0] for p in pairs[:8]]
     assert np.abs(tuned.encode(texts) - base.encode(texts)).max() > 1e-3
     before, after = pair_margin(base, pairs), pair_margin(tuned, pairs)

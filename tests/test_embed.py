@@ -15,7 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from notellm.config import PipelineConfig, load_config
-from notellm.encoders import EncoderError, embed_notes, load_encoder
+from notellm.embedding_store import read_embeddings, table_vectors
+from notellm.encoders import EncoderError, describe_encoder, embed_notes, load_encoder
 from notellm.modeling import build_notellm
 from notellm.training import TRAINABLE_STATE_FILE
 from pipelines import embed as embed_stage
@@ -48,6 +49,8 @@ def notes() -> list[dict]:
 def test_vectors_do_not_depend_on_batch_order_or_length_sorting(method, checkpoint, notes, tmp_path):
     cfg = tiny_cfg(tmp_path)
     encoder = load_encoder(cfg, method, checkpoint if method == "notellm" else None)
+    # what the driver writes before any actor loads the model (configs and hashes only)
+    assert describe_encoder(cfg, method, checkpoint if method == "notellm" else None) == encoder.info
     sorted_batches = embed_notes(encoder, notes, batch_size=8)
     unsorted = embed_notes(encoder, notes, batch_size=5, sort_by_length=False)
     alone = np.stack([embed_notes(encoder, [n], batch_size=1)[0] for n in notes[:6]])
@@ -78,6 +81,9 @@ def test_encoder_errors_are_clear(tmp_path):
         load_encoder(cfg, "minilm-ft", tmp_path / "nope")
     with pytest.raises(EncoderError, match="unknown encoder method"):
         load_encoder(cfg, "word2vec")
+    for method, source in (("notellm", tmp_path), ("minilm-ft", tmp_path / "nope"), ("word2vec", None)):
+        with pytest.raises(EncoderError):  # the driver's description fails the same way
+            describe_encoder(cfg, method, source)
 
 
 def test_note_ids_survive_a_shuffled_ray_run_with_two_actors(services, checkpoint, notes, tmp_path):
@@ -91,13 +97,14 @@ def test_note_ids_survive_a_shuffled_ray_run_with_two_actors(services, checkpoin
         blocks = [table.slice(i, 8) for i in range(0, table.num_rows, 8)]
         # shuffled and materialised first: the two actors then hold both CPUs of this machine
         ds = ray.data.from_arrow(blocks).random_shuffle(seed=1).materialize()
-        out = embed_stage.embed_dataset(ds, cfg, "notellm", str(checkpoint), None).to_arrow_refs()
+        info = describe_encoder(cfg, "notellm", str(checkpoint))
+        out = embed_stage.embed_dataset(ds, cfg, "notellm", str(checkpoint), None, info).to_arrow_refs()
         table = pa.concat_tables(ray.get(out))
     finally:
         ray.shutdown()
     ids = table.column("note_id").to_pylist()
     assert sorted(ids) == sorted(n["note_id"] for n in notes) and ids != [n["note_id"] for n in notes]
-    got = embed_stage.table_vectors(table)
+    got = table_vectors(table)
     row = {n["note_id"]: i for i, n in enumerate(notes)}
     np.testing.assert_allclose(got, expected[[row[i] for i in ids]], atol=2e-5)
     category = {n["note_id"]: n["category"] for n in notes}
@@ -122,7 +129,7 @@ def _restart_checks(cfg: PipelineConfig) -> None:
     out = embed_stage.embeddings_dir(cfg)
     parts = sorted(out.glob("part-*.parquet"))
     assert first["notes"] == 40 and [pq.ParquetFile(p).metadata.num_rows for p in parts] == [16, 16, 8]
-    before, meta = embed_stage.read_embeddings(out)
+    before, meta = read_embeddings(out)
     assert meta["encoder"]["checkpoint"] == str(cfg.embedding.checkpoint) and meta["dim"] == 32 and meta["normalized"]
 
     # a crash after two files: the last part and encoder.json are missing; the rerun embeds only 8 notes
@@ -131,16 +138,16 @@ def _restart_checks(cfg: PipelineConfig) -> None:
     (out / "progress.json").write_text(json.dumps({"encoder": meta["encoder"]}))
     second = embed_stage.embed(cfg)
     assert second["embedded_now"] == 8 and second["notes"] == 40
-    after, _ = embed_stage.read_embeddings(out)
-    vec = dict(zip(after.column("note_id").to_pylist(), embed_stage.table_vectors(after)))
-    for nid, v in zip(before.column("note_id").to_pylist(), embed_stage.table_vectors(before)):
+    after, _ = read_embeddings(out)
+    vec = dict(zip(after.column("note_id").to_pylist(), table_vectors(after)))
+    for nid, v in zip(before.column("note_id").to_pylist(), table_vectors(before)):
         np.testing.assert_allclose(vec[nid], v, atol=1e-6)
     assert embed_stage.embed(cfg)["embedded_now"] == 0  # nothing left to do
 
     # another encoder into the same folder: the old parts are removed, not mixed in
     llm = embed_stage.embed(cfg, method="llm-mean", out_dir=out)
     assert llm["embedded_now"] == 40 and llm["dim"] == 64
-    assert embed_stage.read_embeddings(out)[0].column("embedding").type.list_size == 64
+    assert read_embeddings(out)[0].column("embedding").type.list_size == 64
 
 
 def test_embed_stage_errors(tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""Evaluation. End to end on the tiny model: ingest → mine → prompts → train (in process, on the session's Ray
-cluster), then embed → build_index → evaluate submitted with `ray job submit`, logging to MLflow."""
+"""Evaluation. End to end on the tiny model: ingest → mine → train (in process, on the session's Ray
+cluster; training prompts written directly), then embed → build_index → evaluate submitted with
+`ray job submit`, logging to MLflow."""
 
 from __future__ import annotations
 
@@ -14,13 +15,15 @@ import pytest
 import ray
 
 from notellm.config import load_config
+from notellm.embedding_store import embeddings_dir, table_vectors, vectors_to_table
 from notellm.encoders import file_digest
 from notellm.index import ModelInfo, NoteIndex
 from notellm.training import TRAINABLE_STATE_FILE
-from pipelines import build_prompts, ingest, mine_pairs
+from pipelines import ingest, mine_pairs
 from pipelines import train as train_stage
-from pipelines.embed import embeddings_dir, table_vectors, vectors_to_table
+from pipelines.embed import select_notes
 from pipelines.evaluate import EvalData, corpus_embeddings, verdict
+from train_inputs import train_pair_notes, write_train_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["notellm", "llm-mean", "minilm", "bm25", "random"]
@@ -28,21 +31,24 @@ METHODS = ["notellm", "llm-mean", "minilm", "bm25", "random"]
 
 @pytest.mark.slow
 def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp_path):
+    """Ingest and mining (the real split) and 4 training steps here, then embed -> index -> evaluate
+    as `ray job submit` jobs on the session's cluster; the pool only is embedded, as in the demo."""
     from mlflow.tracking import MlflowClient
 
     work = tmp_path / "work"
     common = [f"data.work_dir={work}", f"training.storage_path={tmp_path / 'runs'}"]
     config = str(REPO_ROOT / "configs/tiny.yaml")
     try:  # the stages connect this process to the session's cluster (ray_init)
-        for stage in (ingest, mine_pairs, build_prompts):
+        for stage in (ingest, mine_pairs):
             assert stage.main(["--config", config, *common]) == 0
         cfg = load_config(config, [*common, "training.max_steps=4", "training.num_workers=1"])
+        write_train_prompts(cfg, train_pair_notes(work))
         assert train_stage.train(cfg, threads_per_worker=1)["step"] == 4
     finally:
         ray.shutdown()  # later tests call ray.init themselves
 
     out = {}
-    for module, extra in (("pipelines.embed", []), ("pipelines.build_index", []),
+    for module, extra in (("pipelines.embed", ["embedding.notes=test_pool"]), ("pipelines.build_index", []),
                           ("pipelines.evaluate", [f"evaluation.methods=[{','.join(METHODS)}]",
                                                   "evaluation.max_generation_notes=8"])):
         proc = submit_stage(module, work, *common[1:], *extra, config="configs/tiny.yaml")
@@ -51,13 +57,13 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
 
     encoder = json.loads((work / "embeddings/notellm/encoder.json").read_text())
     notes = encoder["notes"]
-    assert notes == 3873 and encoder["dim"] == 32 and encoder["encoder"]["checkpoint"].startswith(str(tmp_path))
+    assert notes == len(select_notes(cfg, "test_pool")) and encoder["dim"] == 32 and encoder["encoder"]["checkpoint"].startswith(str(tmp_path))
     index = NoteIndex.load(work / "index/notellm", ModelInfo.from_encoder(encoder["encoder"]))
     assert len(index) == notes and index.metadata.factory == "Flat" and index.metadata.recall_at_100 == 1.0
 
     summary = json.loads((work / "eval/comparison.json").read_text())
     results = {m["method"]: m["metrics"] for m in summary["methods"]}
-    assert list(results) == METHODS and summary["pool_size"] > 100
+    assert list(results) == METHODS and summary["pool_size"] == notes > 100
     for metrics in results.values():
         assert 0 <= metrics["recall_at_1"] <= metrics["recall_at_10"] <= metrics["recall_at_100"] <= 1
     expected_random = 100 / (summary["pool_size"] - 1)  # R@100 of a random ranking of the pool minus the query

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 from notellm.config import PipelineConfig, load_config
 from notellm.modeling import TrainableStateError, build_notellm
 from notellm.models import ModelResolutionError, load_causal_lm, load_tokenizer
-from notellm.prompts import IGNORE_INDEX, PromptBuilder
+from notellm.prompts import IGNORE_INDEX
 from notellm.training import (
     TRAINABLE_STATE_FILE,
     BatchPlan,
@@ -42,6 +42,7 @@ from notellm.training import (
     train_step,
 )
 from pipelines import train as train_stage
+from train_inputs import write_train_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NOTES_PATH = REPO_ROOT / "data/stackexchange/notes.parquet"
@@ -51,23 +52,18 @@ NOTES_PER_CATEGORY = 8
 def make_inputs(work: Path, model: str = "tiny-llama") -> int:
     """Write ``pairs/train.parquet`` and ``prompts/{train/,meta.json}`` under ``work``; returns the
     number of pairs (consecutive notes of one category, NOTES_PER_CATEGORY notes per category)."""
-    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", [f"data.work_dir={work}"])
+    cfg = load_config(REPO_ROOT / "configs/tiny.yaml", [f"data.work_dir={work}", f"model.name={model}"])
     notes = pq.read_table(NOTES_PATH).select(["note_id", "title", "content", "hashtags", "category"])
     notes = notes.sort_by([("category", "ascending"), ("note_id", "ascending")])
     rows: list[dict] = []
     for cat in sorted(set(notes.column("category").to_pylist())):
         rows += notes.filter(pc.equal(notes.column("category"), cat)).slice(0, NOTES_PER_CATEGORY).to_pylist()
-    builder = PromptBuilder(load_tokenizer(model, fresh=True), cfg.prompts)
-    (work / "prompts" / "train").mkdir(parents=True)
-    pq.write_table(builder.encode_table(pa.Table.from_pylist(rows), "train"),
-                   work / "prompts" / "train" / "part-0.parquet")
+    write_train_prompts(cfg, pa.Table.from_pylist(rows))
     pairs = [(a["note_id"], b["note_id"]) for a, b in zip(rows, rows[1:]) if a["category"] == b["category"]]
     (work / "pairs").mkdir()
     pq.write_table(pa.table({"note_id": [a for a, _ in pairs], "related_note_id": [b for _, b in pairs],
                              "score": [1.0] * len(pairs), "n_users": [1] * len(pairs)}),
                    work / "pairs" / "train.parquet")
-    meta = {"model": model, "emb_token_id": builder.emb_token_id, "pad_token_id": builder.tokenizer.pad_token_id}
-    (work / "prompts" / "meta.json").write_text(json.dumps(meta))
     return len(pairs)
 
 
@@ -374,8 +370,9 @@ def test_killed_worker_restarts_the_group_from_the_last_checkpoint(work, ray_cli
 
     folder, _ = work
     storage = tmp_path / "ray_results"
-    cfg = tiny_cfg(folder, "training.num_workers=2", "training.pairs_per_batch=4", "training.max_steps=150",
-                   "training.checkpoint_every=5", "training.max_failures=1", "training.log_every=50",
+    steps = 40  # the kill lands after the step-5 checkpoint, 35 steps (~15 s on 2 cores) before the end
+    cfg = tiny_cfg(folder, "training.num_workers=2", "training.pairs_per_batch=4", f"training.max_steps={steps}",
+                   "training.checkpoint_every=5", "training.max_failures=1", "training.log_every=10",
                    f"training.storage_path={storage}", "training.run_name=killed")
     outcome: dict = {}
 
@@ -400,7 +397,7 @@ def test_killed_worker_restarts_the_group_from_the_last_checkpoint(work, ray_cli
     result = outcome["result"]
     resumed_at = result["metrics"]["start_step"]
     assert resumed_at > 0 and resumed_at % 5 == 0 and resumed_at >= before_kill[-1], (resumed_at, before_kill)
-    assert resumed_at < 150 and result["step"] == 150
+    assert resumed_at < steps and result["step"] == steps
 
 
 @pytest.mark.slow

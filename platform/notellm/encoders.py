@@ -46,7 +46,13 @@ from notellm.modeling import (
     pad_sequences,
     position_ids_from_mask,
 )
-from notellm.models import load_causal_lm, load_sentence_encoder, load_tokenizer
+from notellm.models import (
+    causal_lm_hidden_size,
+    load_causal_lm,
+    load_sentence_encoder,
+    load_tokenizer,
+    sentence_encoder_dim,
+)
 from notellm.prompts import PromptBuilder
 
 METHODS = ("notellm", "llm-mean", "llm-last", "prompteol", "minilm", "minilm-ft")
@@ -122,22 +128,16 @@ class NoteLLMEncoder:
     """The trained NoteLLM (``checkpoint``: a ``save_checkpoint`` folder or one holding
     ``trainable_state.safetensors``)."""
 
-    def __init__(self, cfg: PipelineConfig, checkpoint: str | Path, method: str = "notellm",
-                 device: str | torch.device = "cpu", run_id: str | None = None) -> None:
-        from notellm.training import TRAINABLE_STATE_FILE
-
-        state = Path(checkpoint) / TRAINABLE_STATE_FILE
-        if not state.is_file():
-            raise EncoderError(f"{state} does not exist: expected a training checkpoint folder")
+    def __init__(self, cfg: PipelineConfig, checkpoint: str | Path, device: str | torch.device = "cpu",
+                 run_id: str | None = None) -> None:
+        self.info = describe_encoder(cfg, "notellm", checkpoint, run_id)
         self.model, tokenizer = build_notellm(cfg.model, cfg.lora, for_training=False, device=device,
                                               dtype=base_weights_dtype(cfg.embedding.bf16, True),
                                               emb_token=cfg.prompts.emb_token)
-        self.model.load_trainable_state(state)
+        self.model.load_trainable_state(_trainable_state(checkpoint))
         self.model.merge_adapters()
         self.builder = PromptBuilder(tokenizer, cfg.prompts)
         self.bf16 = cfg.embedding.bf16
-        self.info = EncoderInfo(method, cfg.model.name, cfg.model.emb_dim, file_digest(state), run_id,
-                                str(Path(checkpoint)))
 
     def tokenize(self, notes: Sequence[Mapping[str, Any]]) -> list[TokenizedNote]:
         return [TokenizedNote(e.input_ids, e.emb_pos) for e in self.builder.encode_many(notes, "embed")]
@@ -174,14 +174,14 @@ class CausalLMEncoder:
         if method not in ("llm-mean", "llm-last", "prompteol"):
             raise EncoderError(f"CausalLMEncoder does not do {method!r}")
         self.method = method
+        self.info = describe_encoder(cfg, method)
         self.lm, _ = load_causal_lm(cfg.model.name, dtype=base_weights_dtype(cfg.embedding.bf16, True),
                                     device=device)
         self.builder = PromptBuilder(load_tokenizer(cfg.model.name, fresh=True), cfg.prompts)
         tokenizer = self.builder.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.bf16 = cfg.embedding.bf16
-        self.info = EncoderInfo(method, cfg.model.name, int(self.lm.config.hidden_size),
-                                base_model_fingerprint(cfg.model.name))
+        _check_dim(self.info, int(self.lm.config.hidden_size))
 
     def tokenize(self, notes: Sequence[Mapping[str, Any]]) -> list[TokenizedNote]:
         texts = self.builder.prompteol_texts(notes) if self.method == "prompteol" else self.builder.plain_texts(notes)
@@ -212,16 +212,10 @@ class SentenceEncoder:
 
     def __init__(self, cfg: PipelineConfig, method: str, path: str | Path | None = None,
                  device: str | torch.device = "cpu") -> None:
-        if method == "minilm-ft" and (path is None or not Path(path).is_dir()):
-            raise EncoderError(f"minilm-ft needs the fine-tuned model folder; {path} does not exist: "
-                               "pipelines.evaluate fine-tunes it first (notellm.baselines)")
-        source = SENTENCE_BASE if method == "minilm" else Path(path)
-        self.model = load_sentence_encoder(source, device)
+        self.info = describe_encoder(cfg, method, path)
+        self.model = load_sentence_encoder(SENTENCE_BASE if method == "minilm" else Path(path), device)
+        _check_dim(self.info, int(self.model.get_embedding_dimension()))
         self.builder = PromptBuilder(load_tokenizer(cfg.model.name, fresh=True), cfg.prompts)
-        weights = None if method == "minilm" else next(iter(sorted(Path(path).rglob("*.safetensors"))), None)
-        version = file_digest(weights) if weights is not None else base_model_fingerprint(SENTENCE_BASE)
-        self.info = EncoderInfo(method, SENTENCE_BASE, int(self.model.get_embedding_dimension()), version,
-                                checkpoint=None if path is None else str(path))
 
     def tokenize(self, notes: Sequence[Mapping[str, Any]]) -> list[TokenizedNote]:
         texts = self.builder.plain_texts(notes)
@@ -239,6 +233,53 @@ class SentenceEncoder:
 # ---------------------------------------------------------------------------------------------
 # Factory and the batching loop
 # ---------------------------------------------------------------------------------------------
+
+
+def _trainable_state(checkpoint: str | Path) -> Path:
+    from notellm.training import TRAINABLE_STATE_FILE
+
+    state = Path(checkpoint) / TRAINABLE_STATE_FILE
+    if not state.is_file():
+        raise EncoderError(f"{state} does not exist: expected a training checkpoint folder")
+    return state
+
+
+def _finetuned_folder(method: str, path: str | Path | None) -> Path:
+    if path is None or not Path(path).is_dir():
+        raise EncoderError(f"{method} needs the fine-tuned model folder; {path} does not exist: "
+                           "pipelines.evaluate fine-tunes it first (notellm.baselines)")
+    return Path(path)
+
+
+def _check_dim(info: EncoderInfo, loaded: int) -> None:
+    if loaded != info.dim:
+        raise EncoderError(f"{info.method}: the loaded model gives {loaded}-d vectors, its config says {info.dim}")
+
+
+def describe_encoder(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None,
+                     run_id: str | None = None) -> EncoderInfo:
+    """The ``EncoderInfo`` that ``load_encoder(cfg, method, checkpoint, run_id=run_id)`` will have,
+    from configs and file hashes only (no weights loaded): a driver checks its inputs and its
+    restart state with it before any actor loads the model. Raises ``EncoderError`` for the same
+    missing inputs as ``load_encoder``."""
+    if method == "notellm":
+        if checkpoint is None:
+            raise EncoderError("method 'notellm' needs a training checkpoint folder")
+        return EncoderInfo(method, cfg.model.name, cfg.model.emb_dim, file_digest(_trainable_state(checkpoint)),
+                           run_id, str(Path(checkpoint)))
+    if method in ("llm-mean", "llm-last", "prompteol"):
+        return EncoderInfo(method, cfg.model.name, causal_lm_hidden_size(cfg.model.name),
+                           base_model_fingerprint(cfg.model.name))
+    if method == "minilm":
+        return EncoderInfo(method, SENTENCE_BASE, sentence_encoder_dim(SENTENCE_BASE),
+                           base_model_fingerprint(SENTENCE_BASE), checkpoint=None if checkpoint is None else str(checkpoint))
+    if method == "minilm-ft":
+        folder = _finetuned_folder(method, checkpoint)
+        weights = next(iter(sorted(folder.rglob("*.safetensors"))), None)
+        version = file_digest(weights) if weights is not None else base_model_fingerprint(SENTENCE_BASE)
+        return EncoderInfo(method, SENTENCE_BASE, sentence_encoder_dim(folder), version, checkpoint=str(checkpoint))
+    raise EncoderError(f"unknown encoder method {method!r}; expected one of {METHODS}")
+
 
 
 def load_encoder(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None,

@@ -603,3 +603,65 @@ def load_sentence_encoder(
         if fresh:
             return _new_sentence_encoder(spec, device_name)
         return _cached_sentence_encoder(spec, device_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes without weights (drivers describe an encoder before its actors load it)
+# ---------------------------------------------------------------------------------------------
+
+
+def causal_lm_hidden_size(name_or_path: str | os.PathLike) -> int:
+    """Hidden size of a causal LM read from its config, without loading weights (a GGUF model is
+    converted into the cache first if it is not there yet, as ``load_causal_lm`` would)."""
+    from transformers import AutoConfig
+
+    spec = resolve_model(name_or_path)
+    if spec.kind == "sentence-transformers-package":
+        raise ModelResolutionError(f"model '{spec.name}' is a sentence encoder, not a causal LM")
+    if spec.kind == "random-llama":
+        return int(TINY_LLAMA_CONFIG["hidden_size"])
+    if spec.kind == "gguf-package":
+        source = _gguf_source(spec)
+        if source is None:
+            return int(AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file,
+                                                  local_files_only=True).hidden_size)
+        return int(AutoConfig.from_pretrained(source, local_files_only=True).hidden_size)
+    return int(AutoConfig.from_pretrained(spec.path, local_files_only=True).hidden_size)
+
+
+LEGACY_POOLING_FLAGS = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens",
+                        "pooling_mode_lasttoken")
+"""Pooling flags of a ``Pooling`` module config written by sentence-transformers < 5 (newer ones write
+``pooling_mode``: one mode name or a list); the pooled vectors of all modes on are concatenated."""
+
+
+def _pooling_output_dim(conf: dict) -> int:
+    dim = int(conf.get("embedding_dimension", conf.get("word_embedding_dimension", 0)))
+    mode = conf.get("pooling_mode")
+    if mode is not None:
+        modes = 1 if isinstance(mode, str) else len(mode)
+    else:
+        modes = max(sum(bool(conf.get(flag)) for flag in LEGACY_POOLING_FLAGS), 1)
+    return dim * modes
+
+
+def sentence_encoder_dim(name_or_path: str | os.PathLike) -> int:
+    """Output dimension of a sentence-transformers model folder from its ``modules.json`` and module
+    configs, without loading weights: the last ``Dense`` module's ``out_features``, else the
+    ``Pooling`` module's embedding dimension x the number of pooling modes on (both config formats)."""
+    folder = resolve_model(name_or_path).path
+    modules_file = folder / "modules.json"
+    if not modules_file.is_file():
+        raise ModelResolutionError(f"{modules_file} does not exist: {folder} is not a sentence-transformers folder")
+    dim = None
+    for module in json.loads(modules_file.read_text(encoding="utf-8")):
+        kind = module["type"].rsplit(".", 1)[-1]
+        config_file = folder / module["path"] / "config.json"
+        if kind == "Pooling":
+            dim = _pooling_output_dim(json.loads(config_file.read_text(encoding="utf-8")))
+        elif kind == "Dense":
+            dim = int(json.loads(config_file.read_text(encoding="utf-8"))["out_features"])
+    if not dim:
+        raise ModelResolutionError(f"{modules_file}: no Pooling or Dense module gives the output dimension")
+    return dim

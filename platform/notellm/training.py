@@ -14,11 +14,13 @@ pairs, each window is sorted by pair length (the longer note), cut into global b
 and the batches of the epoch are shuffled again (same generator). The incomplete tail is dropped
 (every rank needs the same local batch size). Rank r takes pairs ``[r*b:(r+1)*b]`` (b = B/W) of the
 global batch and lays its 2b notes out ``[a_1..a_b, b_1..b_b]`` (``notellm.losses.pair_layout``).
+So resuming at step s reproduces the exact batches a run without interruption would have seen,
+whatever the number of workers.
+
 With ``training.batching=same_category`` the batches are cut within each category (of the pair's
 first note; pairs never cross categories here), so every in-batch negative shares the batch's
 category: GCL then has to rank within a category instead of mostly telling categories apart
-(``epoch_batches``). So resuming at step s reproduces the exact batches a run without
-interruption would have seen, whatever the number of workers.
+(``epoch_batches``).
 
 Step (``train_step``): ONE forward (``model(batch)``, so DDP prepares its gradient all-reduce) gives
 the embeddings and the hidden states; L_cl = ``gathered_gcl_loss`` (global in-batch negatives),

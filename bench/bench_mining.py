@@ -23,7 +23,6 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pandas as pd
 import psutil

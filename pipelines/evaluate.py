@@ -248,7 +248,6 @@ def random_rankings(cfg: PipelineConfig, data: EvalData) -> tuple[list, list, di
     """A seeded random order of the pool (and of the query's category), minus the query."""
     rng = np.random.default_rng(cfg.seed)
     ids = np.asarray(data.pool_ids, dtype=object)
-    cats = np.asarray([data.category[n] for n in data.pool_ids], dtype=object)
     ranked, cat_ranked = [], []
     for q in data.queries:
         order = ids[rng.permutation(len(ids))]

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from notellm.config import REPO_ROOT, DataConfig
+from notellm.config import DataConfig
 from notellm.data.io import read_table, write_table
 from notellm.data.schema import BEHAVIORS_SCHEMA, NOTES_SCHEMA, TIMESTAMP
 from notellm.data.validate import (

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from notellm.config import PipelineConfig
@@ -28,8 +29,6 @@ def write_train_prompts(cfg: PipelineConfig, notes: pa.Table) -> None:
 
 def train_pair_notes(work: Path) -> pa.Table:
     """The ingested notes that appear in ``<work>/pairs/train.parquet``."""
-    import pyarrow.compute as pc
-
     pairs = pq.read_table(work / "pairs" / "train.parquet")
     ids = pa.concat_arrays([pairs.column("note_id").combine_chunks(), pairs.column("related_note_id").combine_chunks()])
     notes = pq.read_table(work / "ingested" / "notes.parquet",

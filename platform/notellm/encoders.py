@@ -281,7 +281,6 @@ def describe_encoder(cfg: PipelineConfig, method: str, checkpoint: str | Path | 
     raise EncoderError(f"unknown encoder method {method!r}; expected one of {METHODS}")
 
 
-
 def load_encoder(cfg: PipelineConfig, method: str, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", run_id: str | None = None) -> NoteEncoder:
     """Build the encoder of ``method`` (``METHODS``); ``checkpoint`` is the training checkpoint

@@ -25,8 +25,13 @@ Methods (``evaluation.methods``):
   training pairs, as many pairs as NoteLLM's training sees unless ``evaluation.minilm_ft_steps``.
 * ``bm25`` (bm25s over the same plain text) and ``random`` (a seeded shuffle: the floor).
 
-Writes ``<work_dir>/eval/comparison.{md,csv,json}`` and ``recall_at_k.png`` (global and
-within-category Recall@K curves), prints the table, and logs everything to MLflow (experiment
+Below the table, one verdict line per acceptance metric (R@10, R@100, within-category R@10 and
+R@100): NoteLLM minus the best other method, with a 95 % paired bootstrap interval over queries
+(``notellm.metrics.recall_difference``), so a lead smaller than the test set's noise reads as
+"not significant".
+
+Writes ``<work_dir>/eval/comparison.{md,csv,json}``, ``ranks.parquet`` (every pair's rank of its
+truth per method) and ``recall_at_k.png`` (global and within-category Recall@K curves), prints the table, and logs everything to MLflow (experiment
 ``<registry.model_name>-eval``: metrics ``<method>.<metric>``, the table and the plot).
 """
 
@@ -58,6 +63,7 @@ from notellm.metrics import (
     exposure_slices,
     hashtag_scores,
     illegal_rate,
+    recall_difference,
     retrieval_report,
     truth_ranks,
 )
@@ -335,24 +341,59 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-VERDICT_METRICS = [("recall_at_10", "R@10"), ("recall_at_100", "R@100"), ("cat_recall_at_10", "cat R@10"),
-                   ("cat_recall_at_100", "cat R@100")]
-"""Where NoteLLM has to beat every other method (the issue's acceptance metrics)."""
+VERDICT_METRICS = [("recall_at_10", "R@10", "ranks", 10), ("recall_at_100", "R@100", "ranks", 100),
+                   ("cat_recall_at_10", "cat R@10", "cat_ranks", 10),
+                   ("cat_recall_at_100", "cat R@100", "cat_ranks", 100)]
+"""Where NoteLLM has to beat every other method (the issue's acceptance metrics): metric key,
+label, the result's rank field and K."""
 
 
-def verdict(results: list[dict[str, Any]], ours: str = "notellm") -> list[str]:
-    """One line per ``VERDICT_METRICS`` entry: ``ours`` against the best other method (percent),
-    e.g. ``"R@10: notellm 18.41 vs best other bm25 16.02 -> ahead by 2.39"``; empty without ``ours``."""
-    by_method = {r["method"]: r["metrics"] for r in results}
+def verdict(results: list[dict[str, Any]], queries: list[str], ours: str = "notellm",
+            n_boot: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """``ours`` against the best other method (by point value) on each ``VERDICT_METRICS`` entry.
+
+    results: ``evaluate_method`` outputs (``metrics`` and the per-pair ``ranks``/``cat_ranks``);
+    queries: the query id of each pair (the bootstrap's clusters). Each entry (values in %): metric,
+    ours, other, ours_value, other_value, diff and its paired query-bootstrap interval (ci_low,
+    ci_high; ``notellm.metrics.recall_difference``) and significant (the interval excludes 0).
+    Empty without ``ours`` or without another method.
+    """
+    by_method = {r["method"]: r for r in results}
     if ours not in by_method or len(by_method) < 2:
         return []
-    lines = []
-    for key, label in VERDICT_METRICS:
-        mine = 100 * by_method[ours][key]
-        best, value = max(((m, 100 * v[key]) for m, v in by_method.items() if m != ours), key=lambda mv: mv[1])
-        word = "ahead" if mine > value else "behind"
-        lines.append(f"{label}: {ours} {mine:.2f} vs best other {best} {value:.2f} -> {word} by {abs(mine - value):.2f}")
-    return lines
+    rows = []
+    for key, label, field, k in VERDICT_METRICS:
+        mine = by_method[ours]
+        other = max((r for m, r in by_method.items() if m != ours), key=lambda r: r["metrics"][key])
+        d = recall_difference(np.asarray(mine[field]), np.asarray(other[field]), k, queries,
+                              n_boot=n_boot, seed=seed)
+        rows.append({"metric": label, "ours": ours, "other": other["method"],
+                     "ours_value": 100 * mine["metrics"][key], "other_value": 100 * other["metrics"][key],
+                     "diff": 100 * d.diff, "ci_low": 100 * d.low, "ci_high": 100 * d.high,
+                     "level": d.level, "significant": d.significant, "queries": d.groups})
+    return rows
+
+
+def verdict_line(v: dict[str, Any]) -> str:
+    """e.g. ``"R@10: notellm 18.41 vs best other bm25 16.02 -> ahead by 2.39 (95% CI +0.61 to +4.20
+    over 812 queries: significant)"``."""
+    word = "ahead" if v["diff"] > 0 else "behind" if v["diff"] < 0 else "level"
+    sig = "significant" if v["significant"] else "not significant"
+    return (f"{v['metric']}: {v['ours']} {v['ours_value']:.2f} vs best other {v['other']} {v['other_value']:.2f}"
+            f" -> {word} by {abs(v['diff']):.2f} ({100 * v['level']:.0f}% CI {v['ci_low']:+.2f} to "
+            f"{v['ci_high']:+.2f} over {v['queries']} queries: {sig})")
+
+
+def write_ranks(results: list[dict[str, Any]], data: EvalData, path: Path) -> None:
+    """Per test pair: ``query_id``, ``truth_id`` and, per method, the truth's global rank
+    (``<method>``) and within-category rank (``<method>.cat``), int32, 0 = not a candidate; for
+    significance tests between runs (``notellm.metrics.recall_difference``) and error analysis."""
+    columns = {"query_id": pa.array(data.queries, pa.string()), "truth_id": pa.array(data.truth, pa.string())}
+    for r in results:
+        columns[r["method"]] = pa.array(r["ranks"], pa.int32())
+        columns[f"{r['method']}.cat"] = pa.array(r["cat_ranks"], pa.int32())
+    with atomic_path(path) as tmp:
+        pq.write_table(pa.table(columns), tmp)
 
 
 def recall_curves_png(results: list[dict[str, Any]], pool_size: int, path: Path) -> None:
@@ -390,8 +431,10 @@ def evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     results = [evaluate_method(cfg, m, data, slices) for m in cfg.evaluation.methods]
     out_dir = cfg.resolve_path(cfg.data.work_dir) / "eval"
     table = format_table(results)
-    lines = verdict(results)
+    verdicts = verdict(results, data.queries, seed=cfg.seed)
+    lines = [verdict_line(v) for v in verdicts]
     summary = {"pool_size": len(data.pool_ids), "pairs": len(data.queries), "verdict": lines,
+               "verdict_details": verdicts,
                "exposure_thresholds": [slices.low_threshold, slices.high_threshold],
                "methods": [{k: v for k, v in r.items() if k not in ("ranks", "cat_ranks")} for r in results],
                "seconds": round(time.perf_counter() - started, 1)}
@@ -404,10 +447,11 @@ def evaluate(cfg: PipelineConfig) -> dict[str, Any]:
     for r in results:
         writer.writerow([r["method"], *[r["metrics"].get(k, "") for k in keys]])
     atomic_write_text(out_dir / "comparison.csv", buf.getvalue())
+    write_ranks(results, data, out_dir / "ranks.parquet")
     recall_curves_png(results, len(data.pool_ids), out_dir / "recall_at_k.png")
     print(f"\nComparison on the evaluation pool ({len(data.pool_ids)} notes, {len(data.queries)} test pairs; "
           f"%, cat = within the query's category):\n{table}\n\n" + "".join(f"{line}\n" for line in lines)
-          + f"\nwrote {out_dir}/comparison.{{md,csv,json}} "
+          + f"\nwrote {out_dir}/comparison.{{md,csv,json}}, ranks.parquet "
           f"and recall_at_k.png in {summary['seconds']:.0f}s")
     return summary | {"out_dir": str(out_dir)}
 
@@ -424,7 +468,7 @@ def log_to_mlflow(cfg: PipelineConfig, summary: dict[str, Any]) -> str:
         for r in summary["methods"]:
             mlflow.log_metrics({f"{r['method']}.{k}": float(v) for k, v in r["metrics"].items()
                                 if not (isinstance(v, float) and math.isnan(v))})
-        for name in ("comparison.md", "comparison.csv", "comparison.json", "recall_at_k.png"):
+        for name in ("comparison.md", "comparison.csv", "comparison.json", "ranks.parquet", "recall_at_k.png"):
             mlflow.log_artifact(str(out_dir / name), "evaluation")
     return run.info.run_id
 

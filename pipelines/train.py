@@ -175,6 +175,17 @@ def train(cfg: PipelineConfig, threads_per_worker: int | None = None) -> dict[st
 # ------------------------------------------------------------------------------------ workers
 
 
+def worker_log(line: str) -> None:
+    """Write one progress line from a Ray Train worker, once.
+
+    Ray Train replaces ``print`` on its workers with a call to its logger that, when ``sys.stdout``
+    is wrapped (as on these workers), also calls the real ``print``: every line reached the job's
+    output twice. Writing to the stream directly prints it once (Ray forwards worker stdout).
+    """
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """Ray Train worker: build, resume, run steps, log (rank 0), checkpoint, report."""
     import ray.train
@@ -206,7 +217,7 @@ def train_loop(config: dict[str, Any]) -> None:
     optimizer, scheduler = build_optimizer(model, cfg)
     start = resume(model, optimizer, scheduler, cfg)
     if rank == 0 and start:
-        print(f"resumed from checkpoint at step {start}")
+        worker_log(f"resumed from checkpoint at step {start}")
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False)
     plan = BatchPlan(data, t.pairs_per_batch, t.seed)
 
@@ -229,10 +240,10 @@ def train_loop(config: dict[str, Any]) -> None:
             window_start, window_tokens, window_notes = now, 0.0, 0.0
             if rank == 0:
                 per_step = (now - started) / (done - start)
-                print(f"step {done}/{t.max_steps} loss {metrics['loss']:.4f} l_cl {metrics['l_cl']:.4f} "
-                      f"l_gen {metrics['l_gen']:.4f} tau {metrics['tau']:.4f} lr {metrics['lr']:.2e} "
-                      f"tok/s {metrics['tokens_per_s']:.0f} notes/s {metrics['notes_per_s']:.1f} "
-                      f"eta {per_step * (t.max_steps - done):.0f}s", flush=True)
+                worker_log(f"step {done}/{t.max_steps} loss {metrics['loss']:.4f} l_cl {metrics['l_cl']:.4f} "
+                           f"l_gen {metrics['l_gen']:.4f} tau {metrics['tau']:.4f} lr {metrics['lr']:.2e} "
+                           f"tok/s {metrics['tokens_per_s']:.0f} notes/s {metrics['notes_per_s']:.1f} "
+                           f"eta {per_step * (t.max_steps - done):.0f}s")
                 if client is not None:
                     from mlflow.entities import Metric
 

@@ -22,7 +22,7 @@ from notellm.training import TRAINABLE_STATE_FILE
 from pipelines import ingest, mine_pairs
 from pipelines import train as train_stage
 from pipelines.embed import select_notes
-from pipelines.evaluate import EvalData, corpus_embeddings, verdict
+from pipelines.evaluate import EvalData, corpus_embeddings, verdict, verdict_line
 from train_inputs import train_pair_notes, write_train_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,15 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
     assert {"category_acc", "category_ill", "bleu4", "rougeL"} <= set(results["notellm"])
     assert "| notellm |" in (work / "eval/comparison.md").read_text()
     assert len(summary["verdict"]) == 4 and summary["verdict"][2] in out["pipelines.evaluate"]
+    details = summary["verdict_details"]
+    assert [v["metric"] for v in details] == ["R@10", "R@100", "cat R@10", "cat R@100"]
+    assert all(v["ci_low"] <= v["diff"] <= v["ci_high"] and v["queries"] <= summary["pairs"] for v in details)
+    ranks = pq.read_table(work / "eval/ranks.parquet")
+    assert ranks.num_rows == summary["pairs"] and {"query_id", "truth_id", "minilm", "minilm.cat"} <= set(ranks.column_names)
+    for method, metrics in results.items():  # the stored ranks give the table's recalls
+        glob, cat = ranks.column(method).to_numpy(), ranks.column(f"{method}.cat").to_numpy()
+        assert np.mean((glob > 0) & (glob <= 10)) == pytest.approx(metrics["recall_at_10"])
+        assert np.mean((cat > 0) & (cat <= 10)) == pytest.approx(metrics["cat_recall_at_10"])
 
     # NoteLLM's pool vectors come from the corpus embeddings of the same checkpoint (no second pass)
     assert "notellm: the pool's vectors from the corpus embeddings" in out["pipelines.evaluate"]
@@ -80,7 +89,7 @@ def test_tiny_chain_embed_index_evaluate_as_ray_jobs(services, submit_stage, tmp
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", out["pipelines.evaluate"]).group(1)
     client = MlflowClient(services.mlflow_url)
     assert {a.path for a in client.list_artifacts(run_id, "evaluation")} >= {
-        "evaluation/comparison.md", "evaluation/recall_at_k.png"}
+        "evaluation/comparison.md", "evaluation/ranks.parquet", "evaluation/recall_at_k.png"}
     assert client.get_run(run_id).data.metrics["minilm.recall_at_10"] == pytest.approx(results["minilm"]["recall_at_10"])
 
 
@@ -114,15 +123,32 @@ def test_corpus_embeddings_are_reused_only_for_the_same_weights(tmp_path):
     assert corpus_embeddings(cfg, "notellm", source, _eval_data(["n1"])) is None
 
 
-def test_verdict_compares_notellm_with_the_best_other_method_per_metric():
-    def result(method, r10, r100, c10, c100):
-        return {"method": method, "metrics": {"recall_at_10": r10, "recall_at_100": r100,
-                                              "cat_recall_at_10": c10, "cat_recall_at_100": c100}}
+def test_verdict_compares_notellm_with_the_best_other_method_with_a_bootstrap_interval():
+    queries = [f"q{i}" for i in range(200)]
+    rng = np.random.default_rng(0)
+    base = rng.integers(1, 300, size=200)
 
-    lines = verdict([result("notellm", 0.20, 0.70, 0.15, 0.80), result("bm25", 0.10, 0.75, 0.12, 0.60),
-                     result("minilm", 0.18, 0.50, 0.16, 0.70)])
-    assert lines == ["R@10: notellm 20.00 vs best other minilm 18.00 -> ahead by 2.00",
-                     "R@100: notellm 70.00 vs best other bm25 75.00 -> behind by 5.00",
-                     "cat R@10: notellm 15.00 vs best other minilm 16.00 -> behind by 1.00",
-                     "cat R@100: notellm 80.00 vs best other minilm 70.00 -> ahead by 10.00"]
-    assert verdict([result("bm25", 0.1, 0.2, 0.3, 0.4)]) == []
+    def result(method, ranks, cat_ranks):
+        ranks, cat_ranks = np.asarray(ranks), np.asarray(cat_ranks)
+        metrics = {f"{prefix}recall_at_{k}": float(np.mean((r > 0) & (r <= k)))
+                   for prefix, r in (("", ranks), ("cat_", cat_ranks)) for k in (10, 100)}
+        return {"method": method, "metrics": metrics, "ranks": ranks.tolist(), "cat_ranks": cat_ranks.tolist()}
+
+    much_better = np.where(np.arange(200) < 100, 1, base)  # half the pairs moved to rank 1
+    slightly = base.copy()
+    slightly[np.flatnonzero((base > 10) & (base <= 100))[:1]] = 5  # one more hit at K=10 only
+    rows = verdict([result("notellm", much_better, slightly), result("bm25", base, base),
+                    result("minilm", base + 1, base)], queries)
+    assert [(v["metric"], v["other"]) for v in rows] == [("R@10", "bm25"), ("R@100", "bm25"),
+                                                         ("cat R@10", "bm25"), ("cat R@100", "bm25")]
+    r10, _, cat10, cat100 = rows
+    assert r10["significant"] and 0 < r10["ci_low"] < r10["diff"] < r10["ci_high"]
+    assert r10["diff"] == pytest.approx(r10["ours_value"] - r10["other_value"])
+    assert cat10["diff"] == pytest.approx(0.5) and not cat10["significant"]  # 1 pair of 200: noise
+    assert cat100["diff"] == 0 and cat100["ci_low"] == cat100["ci_high"] == 0 and not cat100["significant"]
+    assert verdict_line(cat10) == ("cat R@10: notellm {:.2f} vs best other bm25 {:.2f} -> ahead by 0.50 (95% CI "
+                                   "{:+.2f} to {:+.2f} over 200 queries: not significant)").format(
+        cat10["ours_value"], cat10["other_value"], cat10["ci_low"], cat10["ci_high"])
+    assert rows == verdict([result("notellm", much_better, slightly), result("bm25", base, base),
+                            result("minilm", base + 1, base)], queries)  # seeded
+    assert verdict([result("bm25", base, base)], queries) == []

@@ -16,6 +16,7 @@ from notellm.metrics import (
     ks_for_pool,
     mrr,
     recall_at_k,
+    recall_difference,
     retrieval_report,
     truth_ranks,
 )
@@ -175,3 +176,47 @@ def test_hashtag_bleu_and_rouge_by_hand():
         hashtag_scores(["python"], [["python"]])
     with pytest.raises(MetricInputError, match="no hashtag predictions"):
         hashtag_scores([], [])
+
+
+def test_recall_difference_point_value_and_interval_by_hand():
+    a = np.array([1, 5, 20, 0, 3, 50])  # hits at K=10: 1, 1, 0, 0, 1, 0
+    b = np.array([2, 30, 4, 7, 0, 50])  # hits at K=10: 1, 0, 1, 1, 0, 0
+    d = recall_difference(a, b, 10, [f"q{i}" for i in range(6)], n_boot=500, seed=1)
+    assert d.diff == pytest.approx(3 / 6 - 3 / 6) and d.groups == 6 and d.n_boot == 500
+    assert d.low < 0 < d.high and not d.significant
+    same = recall_difference(a, a, 10, list("abcdef"))
+    assert (same.diff, same.low, same.high, same.significant) == (0.0, 0.0, 0.0, False)
+
+
+def test_recall_difference_resamples_queries_not_pairs():
+    """Pairs of one query move together: 10 queries x 20 pairs is as uncertain as 10 pairs, not 200."""
+    rng = np.random.default_rng(0)
+    per_query_a = rng.integers(0, 2, size=10)  # a finds all pairs of a query or none
+    a = np.repeat(np.where(per_query_a == 1, 1, 50), 20)
+    b = np.full(200, 50)
+    by_query = recall_difference(a, b, 10, np.repeat(np.arange(10), 20), seed=0)
+    by_pair = recall_difference(a, b, 10, np.arange(200), seed=0)
+    assert by_query.diff == by_pair.diff == pytest.approx(per_query_a.mean())
+    assert by_query.groups == 10 and by_pair.groups == 200
+    assert (by_query.high - by_query.low) > 3 * (by_pair.high - by_pair.low)
+
+
+def test_recall_difference_interval_covers_a_zero_difference_about_95_percent():
+    """Two methods with the same hit rate on 300 queries: the 95 % interval holds 0 in ~95 % of trials."""
+    rng = np.random.default_rng(7)
+    covered = 0
+    for trial in range(200):
+        a = np.where(rng.random(300) < 0.2, 1, 50)
+        b = np.where(rng.random(300) < 0.2, 1, 50)
+        d = recall_difference(a, b, 10, np.arange(300), n_boot=400, seed=trial)
+        covered += d.low <= 0 <= d.high
+    assert 0.89 <= covered / 200 <= 0.99
+
+
+def test_recall_difference_refuses_bad_input():
+    with pytest.raises(MetricInputError, match="ranks_b has 2 rankings but truth has 3"):
+        recall_difference(np.array([1, 2, 3]), np.array([1, 2]), 10, ["a", "b", "c"])
+    with pytest.raises(MetricInputError, match="groups has 1 labels but there are 2 pairs"):
+        recall_difference(np.array([1, 2]), np.array([1, 2]), 10, ["a"])
+    with pytest.raises(MetricInputError, match="K must be >= 1"):
+        recall_difference(np.array([1, 2]), np.array([1, 2]), 0, ["a", "b"])

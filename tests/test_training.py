@@ -417,6 +417,7 @@ def test_smollm2_short_run_through_ray_job_submit(submit_stage, services, tmp_pa
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "step 3/3" in out and "done: step 3" in out
+    assert len(re.findall(r"step \d/3 loss", out)) == 3  # one progress line per step (not Ray Train's print twice)
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)
     client = MlflowClient(services.mlflow_url)
     assert [m.step for m in client.get_metric_history(run_id, "l_cl")] == [1, 2, 3]

@@ -12,6 +12,9 @@ query). A query with several ground truths appears once per pair, so every pair 
   is not among the candidates, or the list was truncated before it).
 * Recall@K = mean over pairs of ``1[0 < rank <= K]``.
 * MRR = mean over pairs of ``1 / rank`` (0 when ``rank == 0`` or ``rank > cutoff``).
+* Comparing two methods: ``recall_difference`` gives Recall@K(a) - Recall@K(b) with a paired
+  bootstrap interval that resamples queries (clusters of pairs), so "a beats b" can be told
+  apart from test-set noise.
 
 A ranked list shorter than K is read as the *whole* candidate list: the truth is a hit iff it
 appears anywhere in it. Callers that truncate rankings (top-``depth`` search) pass ``depth`` and
@@ -202,6 +205,67 @@ def mrr(
     lower bound) or, with ``cutoff``, when it is ranked below ``cutoff`` (MRR@cutoff).
     """
     return mrr_from_ranks(truth_ranks(ranked, truth, queries), cutoff)
+
+
+@dataclass(frozen=True)
+class RecallDifference:
+    """Recall@K of method a minus method b on the same test pairs, with a bootstrap interval.
+
+    diff/low/high: fractions in [-1, 1] (point estimate and the ``level`` percentile interval);
+    groups: resampled clusters (distinct queries); significant: the interval excludes 0.
+    """
+
+    diff: float
+    low: float
+    high: float
+    level: float
+    groups: int
+    n_boot: int
+
+    @property
+    def significant(self) -> bool:
+        return self.low > 0 or self.high < 0
+
+
+def recall_difference(
+    ranks_a: np.ndarray,
+    ranks_b: np.ndarray,
+    k: int,
+    groups: Sequence[str] | np.ndarray,
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> RecallDifference:
+    """Paired cluster bootstrap of Recall@K(a) - Recall@K(b).
+
+    ranks_a/ranks_b: ``truth_ranks`` of two methods on the same ``n_pairs`` test pairs (int,
+    0 = absent); groups: ``(n_pairs,)`` cluster labels, normally the query ids (the pairs of one
+    query share its embedding and ranking, so they are not independent). Each replicate draws
+    as many groups as there are, with replacement, and recomputes the difference over all pairs
+    of the drawn groups (both methods on the same draw: paired). The interval is the percentile
+    interval of ``n_boot`` replicates; ``seed`` makes it reproducible.
+    """
+    a = np.asarray(ranks_a, dtype=np.int64)
+    b = np.asarray(ranks_b, dtype=np.int64)
+    n = _check_pairs(b, a, "ranks_b")
+    if len(groups) != n:
+        raise MetricInputError(f"groups has {len(groups)} labels but there are {n} pairs")
+    if n_boot < 1 or not (0 < level < 1):
+        raise MetricInputError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
+    (k,) = _check_ks([k], None)
+    delta = ((a > 0) & (a <= k)).astype(np.float64) - ((b > 0) & (b <= k)).astype(np.float64)
+    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    delta_sum = np.bincount(group_index, weights=delta, minlength=n_groups)
+    size = np.bincount(group_index, minlength=n_groups).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)  # (n_boot, n_groups)
+    replicates = (draws @ delta_sum) / (draws @ size)
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(replicates, [tail, 100 - tail])
+    return RecallDifference(diff=float(delta.mean()), low=float(low), high=float(high), level=level,
+                            groups=n_groups, n_boot=n_boot)
 
 
 def _pct_label(fraction: float) -> str:

@@ -452,15 +452,15 @@ class _Checks:
     def issues(self) -> list[ValidationIssue]:
         """All issues, by row and then in the order the checks ran."""
         order = []
-        for k, (rows, field, code, reasons) in enumerate(self._found):
+        for k, (rows, column, code, reasons) in enumerate(self._found):
             for row, reason in zip(rows.tolist(), reasons):
-                order.append((row, k, field, code, reason))
+                order.append((row, k, column, code, reason))
         order.sort(key=lambda x: (x[0], x[1]))
         out = []
-        for row, _, field, code, reason in order:
+        for row, _, column, code, reason in order:
             part, local = self._locate(row)
             line = int(self._lines[row]) if self._lines is not None else None
-            out.append(ValidationIssue(self._files[part], local, field, reason, False, code, line))
+            out.append(ValidationIssue(self._files[part], local, column, reason, False, code, line))
         return out
 
 

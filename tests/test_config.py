@@ -82,4 +82,4 @@ def test_relative_paths_resolve_against_repo_root():
     cfg = load_config(REPO_ROOT / "configs/demo.yaml")
     assert cfg.resolve_path(cfg.data.notes) == REPO_ROOT / "data/stackexchange/notes.parquet"
     flat = cfg.to_flat_dict()
-    assert flat["training.pairs_per_batch"] == 8 and flat["model.name"] == "smollm2-135m"
+    assert flat["training.pairs_per_batch"] == 16 and flat["model.name"] == "smollm2-135m"

@@ -31,8 +31,9 @@ R@100): NoteLLM minus the best other method, with a 95 % paired bootstrap interv
 "not significant".
 
 Writes ``<work_dir>/eval/comparison.{md,csv,json}``, ``ranks.parquet`` (every pair's rank of its
-truth per method) and ``recall_at_k.png`` (global and within-category Recall@K curves), prints the table, and logs everything to MLflow (experiment
-``<registry.model_name>-eval``: metrics ``<method>.<metric>``, the table and the plot).
+truth per method) and ``recall_at_k.png`` (global and within-category Recall@K curves), prints the
+table, and logs everything to MLflow (experiment ``<registry.model_name>-eval``: metrics
+``<method>.<metric>``, the table, the ranks and the plot).
 """
 
 from __future__ import annotations

@@ -213,8 +213,19 @@ def test_recall_difference_interval_covers_a_zero_difference_about_95_percent():
     assert 0.89 <= covered / 200 <= 0.99
 
 
+def test_recall_difference_same_interval_in_blocks(monkeypatch):
+    import notellm.metrics as metrics
+
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 40, size=500), rng.integers(0, 40, size=500)
+    groups = rng.integers(0, 120, size=500)
+    whole = recall_difference(a, b, 10, groups, n_boot=300, seed=5)
+    monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_CELLS", 7 * 120)  # blocks of 7 replicates
+    assert recall_difference(a, b, 10, groups, n_boot=300, seed=5) == whole
+
+
 def test_recall_difference_refuses_bad_input():
-    with pytest.raises(MetricInputError, match="ranks_b has 2 rankings but truth has 3"):
+    with pytest.raises(MetricInputError, match="ranks_a has 3 pairs, ranks_b 2"):
         recall_difference(np.array([1, 2, 3]), np.array([1, 2]), 10, ["a", "b", "c"])
     with pytest.raises(MetricInputError, match="groups has 1 labels but there are 2 pairs"):
         recall_difference(np.array([1, 2]), np.array([1, 2]), 10, ["a"])

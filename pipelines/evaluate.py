@@ -66,7 +66,6 @@ from notellm.metrics import (
     illegal_rate,
     recall_difference,
     retrieval_report,
-    truth_ranks,
 )
 from notellm.models import ModelResolutionError
 from notellm.stage_cli import run_stage
@@ -319,13 +318,11 @@ def evaluate_method(cfg: PipelineConfig, method: str, data: EvalData, slices) ->
     metrics = dict(report.metrics)
     if method in cfg.evaluation.generation_methods:
         metrics |= generation_metrics(cfg, info["checkpoint"], data)
-    ranks = truth_ranks(ranked, data.truth, data.queries)
-    cat_ranks = truth_ranks(cat_ranked, data.truth, data.queries)
     seconds = time.perf_counter() - started
     print(f"{method}: R@10 {100 * metrics['recall_at_10']:.2f}  cat R@10 {100 * metrics['cat_recall_at_10']:.2f} "
           f"({seconds:.0f}s)", flush=True)
     return {"method": method, "metrics": metrics, "ks": report.ks, "counts": report.counts, "encoder": info,
-            "ranks": ranks.tolist(), "cat_ranks": cat_ranks.tolist(), "seconds": round(seconds, 1)}
+            "ranks": report.ranks, "cat_ranks": report.cat_ranks, "seconds": round(seconds, 1)}
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

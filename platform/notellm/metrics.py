@@ -158,8 +158,12 @@ def recall_from_ranks(ranks: np.ndarray, ks: Sequence[int], depth: int | None = 
     ranks = np.asarray(ranks, dtype=np.int64)
     if ranks.size == 0:
         raise MetricInputError("no test pairs: recall of nothing is undefined")
-    found = ranks > 0
-    return {k: float(np.mean(found & (ranks <= k))) for k in _check_ks(ks, depth)}
+    return {k: float(np.mean(_hits(ranks, k))) for k in _check_ks(ks, depth)}
+
+
+def _hits(ranks: np.ndarray, k: int) -> np.ndarray:
+    """bool ``(n_pairs,)``: the truth is among the top ``k`` (rank 0 = absent, never a hit)."""
+    return (ranks > 0) & (ranks <= k)
 
 
 def recall_at_k(
@@ -261,7 +265,7 @@ def recall_difference(
     if n_boot < 1 or not (0 < level < 1):
         raise MetricInputError(f"need n_boot >= 1 and 0 < level < 1, got n_boot={n_boot}, level={level}")
     (k,) = _check_ks([k], None)
-    delta = ((a > 0) & (a <= k)).astype(np.float64) - ((b > 0) & (b <= k)).astype(np.float64)
+    delta = _hits(a, k).astype(np.float64) - _hits(b, k).astype(np.float64)
     _, group_index = np.unique(np.asarray(groups), return_inverse=True)
     n_groups = int(group_index.max()) + 1
     delta_sum = np.bincount(group_index, weights=delta, minlength=n_groups)
@@ -380,12 +384,16 @@ class RetrievalReport:
 
     metrics: flat ``{name: fraction in [0, 1]}`` (NaN for an empty slice) with stable names;
     ks: ``{label: K}`` actually used (``ks_for_pool``); counts: ``{name: int}`` (pairs, queries,
-    pool size, slice sizes, pairs whose truth is not among their within-category candidates).
+    pool size, slice sizes, pairs whose truth is not among their within-category candidates);
+    ranks/cat_ranks: the ``truth_ranks`` the metrics come from (int64 ``(n_pairs,)``; cat_ranks
+    None without within-category rankings).
     """
 
     metrics: dict[str, float]
     ks: dict[str, int]
     counts: dict[str, int] = field(default_factory=dict)
+    ranks: np.ndarray | None = None
+    cat_ranks: np.ndarray | None = None
 
 
 def _recall_by_label(ranks: np.ndarray, ks: Mapping[str, int], depth: int | None) -> dict[str, float]:
@@ -466,7 +474,7 @@ def retrieval_report(
                 raise MetricInputError(f"slice mask {name} has shape {mask.shape}, expected ({n},)")
             counts[f"{name}_exposure_pairs"] = int(mask.sum())
             add(f"_{name}_exposure", mask)
-    return RetrievalReport(metrics=metrics, ks=ks, counts=counts)
+    return RetrievalReport(metrics=metrics, ks=ks, counts=counts, ranks=ranks, cat_ranks=cat_ranks)
 
 
 # ---------------------------------------------------------------------------------------------
